@@ -1,0 +1,1 @@
+"""The curation stages: pure, separately tested logic, and the thin Faust agents over it."""

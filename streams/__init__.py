@@ -1,0 +1,1 @@
+"""Kafka plumbing: topics, the Avro serde, the producer, connections and the Faust app."""

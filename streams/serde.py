@@ -1,0 +1,169 @@
+"""Avro single-object encoding for every sluice record, and JSON for raw events.
+
+Wire format (Avro specification, "Single-object encoding"): ``C3 01``, the 8-byte
+little-endian CRC-64-AVRO fingerprint of the writer schema's Parsing Canonical Form, then
+the Avro binary body. Readers find the writer schema among every version kept in
+``schemas/`` and resolve it to the latest version of the expected record type.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from functools import cache
+from struct import error as struct_error
+from typing import Any, cast
+
+import avro.errors
+import avro.io
+
+import schemas
+from schemas.records import RawEvent
+from sluice.errors import SluiceError
+
+MAGIC = b"\xc3\x01"
+HEADER_LEN = 10
+KINDS = ("CODE", "TEXT")
+
+
+class DecodeError(SluiceError):
+    """A record that cannot become a sluice record; ``reason`` is its rejection reason."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class EncodeError(SluiceError):
+    """A record that does not fit its schema (a bug in the writer, never user input)."""
+
+
+@cache
+def _writer(name: str) -> avro.io.DatumWriter:
+    return avro.io.DatumWriter(schemas.latest(name).plain)
+
+
+@cache
+def _reader(writer_fp: bytes, reader_name: str) -> avro.io.DatumReader:
+    writer = schemas.by_fingerprint()[writer_fp]
+    return avro.io.DatumReader(writer.plain, schemas.latest(reader_name).plain)
+
+
+def encode(name: str, record: Any, version: int | None = None) -> bytes:
+    """Encode ``record`` (a dict) as single-object Avro with the latest ``name`` schema.
+
+    ``version`` picks an older schema version (used to test evolution).
+    """
+    if version is None:
+        chosen, writer = schemas.latest(name), _writer(name)
+    else:
+        chosen = next(v for v in schemas.versions(name) if v.version == version)
+        writer = avro.io.DatumWriter(chosen.plain)
+    buf = io.BytesIO()
+    buf.write(MAGIC)
+    buf.write(chosen.fingerprint)
+    try:
+        writer.write(record, avro.io.BinaryEncoder(buf))
+    except avro.errors.AvroException as exc:
+        raise EncodeError(f"{name}: {exc}") from exc
+    return buf.getvalue()
+
+
+def decode(data: bytes, name: str) -> dict[str, Any]:
+    """Decode single-object Avro bytes into the latest version of record type ``name``.
+
+    Raises ``DecodeError`` with reason ``undecodable`` (not single-object Avro, truncated,
+    corrupt), ``unknown_schema`` (fingerprint not among known versions, or another record
+    type) or ``invalid_utf8``.
+    """
+    if len(data) < HEADER_LEN or data[:2] != MAGIC:
+        raise DecodeError("undecodable", "not Avro single-object encoding (no C3 01 marker)")
+    fingerprint = data[2:HEADER_LEN]
+    known = schemas.by_fingerprint().get(fingerprint)
+    if known is None:
+        raise DecodeError("unknown_schema", f"writer fingerprint {fingerprint.hex()} is unknown")
+    if known.name != name:
+        raise DecodeError("unknown_schema", f"expected {name}, got {known.name} v{known.version}")
+    body = io.BytesIO(data[HEADER_LEN:])
+    try:
+        record = _reader(fingerprint, name).read(avro.io.BinaryDecoder(body))
+    except UnicodeDecodeError as exc:
+        raise DecodeError("invalid_utf8", f"a string field is not UTF-8: {exc}") from exc
+    except (avro.errors.AvroException, EOFError, ValueError, IndexError, TypeError,
+            struct_error) as exc:
+        raise DecodeError("undecodable", f"corrupt or truncated {name} body: {exc!r}") from exc
+    if body.tell() != len(data) - HEADER_LEN:
+        raise DecodeError("undecodable", "trailing bytes after the Avro body")
+    return cast(dict[str, Any], record)
+
+
+def decode_raw_event(data: bytes, max_bytes: int) -> RawEvent:
+    """Decode and validate a raw event: single-object Avro, or a UTF-8 JSON object.
+
+    Every failure is a ``DecodeError`` whose reason becomes ``invalid:<reason>``:
+    ``too_large``, ``undecodable``, ``unknown_schema``, ``invalid_utf8``, ``invalid_json``,
+    ``invalid_field``, ``empty_content``.
+    """
+    if len(data) > max_bytes:
+        raise DecodeError("too_large", f"{len(data)} bytes > {max_bytes}")
+    if data[:1] == b"{":
+        event = _raw_event_from_json(data)
+    else:
+        event = cast(RawEvent, decode(data, "RawEvent"))
+    if not event["content"].strip():
+        raise DecodeError("empty_content", "content is empty or only whitespace")
+    return event
+
+
+def _raw_event_from_json(data: bytes) -> RawEvent:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DecodeError("invalid_utf8", f"JSON is not UTF-8 at byte {exc.start}") from exc
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DecodeError("invalid_json", str(exc)) from exc
+    if not isinstance(obj, dict):
+        raise DecodeError("invalid_json", "expected a JSON object")
+    return raw_event_from_mapping(obj)
+
+
+def _field(obj: dict[str, Any], key: str, typ: type, default: Any) -> Any:
+    value = obj.get(key, default)
+    if value is None and default is None:
+        return None
+    # bool is an int subclass in Python, but true is no timestamp.
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise DecodeError("invalid_field", f"{key}: expected {typ.__name__}, got {value!r:.60}")
+    return value
+
+
+def raw_event_from_mapping(obj: dict[str, Any]) -> RawEvent:
+    """Validate a RawEvent-shaped mapping (parsed JSON); ``kind`` may be in any case.
+
+    Missing ``id`` is empty (derived later from the digest); missing ``timestamp`` is now.
+    """
+    unknown = set(obj) - set(RawEvent.__annotations__)
+    if unknown:
+        raise DecodeError("invalid_field", f"unknown field(s): {', '.join(sorted(unknown))}")
+    if "content" not in obj:
+        raise DecodeError("invalid_field", "content: missing")
+    kind = _field(obj, "kind", str, "TEXT").upper()
+    if kind not in KINDS:
+        raise DecodeError("invalid_field", f"kind: {obj.get('kind')!r} is not CODE or TEXT")
+    attributes = _field(obj, "attributes", dict, {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in attributes.items()):
+        raise DecodeError("invalid_field", "attributes: values must be strings")
+    return RawEvent(
+        id=_field(obj, "id", str, ""),
+        source=_field(obj, "source", str, ""),
+        kind=kind,
+        language=_field(obj, "language", str, None),
+        label=_field(obj, "label", str, None),
+        content=_field(obj, "content", str, ""),
+        timestamp=_field(obj, "timestamp", int, int(time.time() * 1000)),
+        attributes=attributes,
+    )

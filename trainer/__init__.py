@@ -1,0 +1,1 @@
+"""The continuously training PyTorch consumer of curated batches."""
