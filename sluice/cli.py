@@ -1,0 +1,154 @@
+"""The ``sluice`` command line: one group, one small function per command."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from sluice.errors import SluiceError
+from sluice.settings import Settings, load_settings
+
+# Everything sluice runs is offline: the embedding model comes from a package.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class _Group(click.Group):
+    """Turns sluice's own errors into one red line and exit code 1, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SluiceError as exc:
+            click.secho(f"sluice: {exc}", fg="red", err=True)
+            sys.exit(1)
+
+
+def settings_of(ctx: click.Context) -> Settings:
+    """The validated settings, read once per invocation (an error names the setting)."""
+    root = ctx.find_root()
+    if not isinstance(root.obj, Settings):
+        root.obj = load_settings(root.params.get("config"))
+    return root.obj
+
+
+@click.group(cls=_Group)
+@click.option("--config", type=click.Path(dir_okay=False), envvar="SLUICE_CONFIG",
+              help="TOML settings file (default: ./sluice.toml if present).")
+@click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
+@click.version_option(package_name="sluice")
+def cli(config: str | None, verbose: bool) -> None:
+    """sluice: curate a live Kafka stream of code and text into training batches."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@cli.command()
+@click.pass_context
+def up(ctx: click.Context) -> None:
+    """Start the embedded Kafka broker and Redis (idempotent) and create the topics."""
+    import time
+
+    from sluice.stack import Stack
+
+    settings = settings_of(ctx)
+    began = time.monotonic()
+    with _spinner("starting Kafka and Redis"):
+        started = Stack(settings).up()
+    for name, fresh in started.items():
+        click.echo(f"{name:6} {'started' if fresh else 'already running'}")
+    _print_status(settings)
+    click.echo(f"topics: {', '.join(settings.topics.all().values())}")
+    click.echo(f"ready in {time.monotonic() - began:.1f} s")
+
+
+@cli.command()
+@click.pass_context
+def down(ctx: click.Context) -> None:
+    """Stop the embedded stack's processes (gracefully, then forcibly)."""
+    from sluice.stack import Stack
+
+    for name, was_running in Stack(settings_of(ctx)).down().items():
+        click.echo(f"{name:6} {'stopped' if was_running else 'was not running'}")
+
+
+@cli.command()
+@click.pass_context
+def status(ctx: click.Context) -> None:
+    """Show whether the embedded Kafka and Redis run and answer."""
+    settings = settings_of(ctx)
+    if not _print_status(settings):
+        sys.exit(3)
+
+
+def _print_status(settings: Settings) -> bool:
+    from sluice.stack import Stack
+
+    ok = True
+    for comp in Stack(settings).status():
+        state = "up" if comp.answering else ("starting" if comp.running else "down")
+        ok = ok and comp.answering
+        click.echo(f"{comp.name:6} {state:8} {comp.address:22} pid {comp.pid or '-':>7}  "
+                   f"log {comp.log}")
+    click.echo(f"state  {settings.state_dir}")
+    return ok
+
+
+def _spinner(text: str) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True).status(text)
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--rate", type=float, default=None, help="At most this many events per second.")
+@click.option("--limit", type=int, default=None, help="Stop after this many events.")
+@click.option("--label-field", default="label", show_default=True,
+              help="JSONL field that holds the class.")
+@click.option("--topic", default=None, help="Topic to write (default: topics.raw).")
+@click.pass_context
+def produce(ctx: click.Context, paths: tuple[Path, ...], rate: float | None, limit: int | None,
+            label_field: str, topic: str | None) -> None:
+    """Send files, folders (recursively) or JSONL(.gz) files to raw-events."""
+    from sluice.produce import produce_paths
+
+    produce_paths(settings_of(ctx), list(paths), rate=rate, limit=limit,
+                  label_field=label_field, topic=topic)
+
+
+@cli.command(name="tail")
+@click.argument("topic")
+@click.option("-n", "count", type=int, default=None, help="How many messages (default 10).")
+@click.option("--from-beginning", is_flag=True, help="Start at the oldest message.")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new messages.")
+@click.pass_context
+def tail_cmd(ctx: click.Context, topic: str, count: int | None, from_beginning: bool,
+             follow: bool) -> None:
+    """Print a sluice topic as JSON lines (embeddings shown by their size)."""
+    from streams.tail import tail
+
+    settings = settings_of(ctx)
+    if count is None and not from_beginning:
+        count = 10
+    try:
+        for entry in tail(settings, topic, count, from_beginning, follow):
+            click.echo(json.dumps(entry, ensure_ascii=False))
+    except KeyboardInterrupt:
+        pass
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="sluice")
+
+
+if __name__ == "__main__":
+    main()

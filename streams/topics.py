@@ -1,0 +1,61 @@
+"""The topics of DESIGN.md, declared once: names from settings, partitions, retention."""
+
+from __future__ import annotations
+
+from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+from sluice.errors import SluiceError
+from sluice.settings import Settings
+from streams.connections import kafka_client_options
+
+# The record type each topic carries, by its role in TopicSettings.
+RECORD_OF_ROLE = {
+    "raw": "RawEvent",
+    "candidates": "Candidate",
+    "samples": "CuratedSample",
+    "batches": "CuratedBatch",
+    "feedback": "Feedback",
+    "rejected": "Rejection",
+    "metrics": "MetricSnapshot",
+}
+
+
+def record_type(settings: Settings, topic: str) -> str:
+    """The record type a sluice topic carries; ``SluiceError`` for a foreign topic."""
+    for role, name in settings.topics.all().items():
+        if name == topic:
+            return RECORD_OF_ROLE[role]
+    known = ", ".join(settings.topics.all().values())
+    raise SluiceError(f"{topic!r} is not a sluice topic (known: {known})")
+
+
+def topic_specs(settings: Settings) -> list[NewTopic]:
+    """What ``ensure_topics`` creates."""
+    t = settings.topics
+    specs = []
+    for role, name in t.all().items():
+        configs = {"retention.ms": str(t.retention_ms), "max.message.bytes": str(t.max_message_bytes)}
+        if role == "metrics":  # snapshots are totals: a day of them is plenty
+            configs["retention.ms"] = str(24 * 3600 * 1000)
+        specs.append(NewTopic(name, t.partitions, t.replication_factor, topic_configs=configs))
+    return specs
+
+
+def ensure_topics(settings: Settings) -> list[str]:
+    """Create the missing sluice topics; returns the names created."""
+    admin = KafkaAdminClient(**kafka_client_options(settings), request_timeout_ms=15000)
+    try:
+        existing = set(admin.list_topics())
+        missing = [s for s in topic_specs(settings) if s.name not in existing]
+        if missing:
+            try:
+                admin.create_topics(missing, timeout_ms=15000)
+            except TopicAlreadyExistsError:
+                pass  # another process created them meanwhile
+            admin.wait_for_topics([s.name for s in missing], timeout_ms=15000)
+        return [s.name for s in missing]
+    except KafkaError as exc:
+        raise SluiceError(f"could not create topics on {settings.bootstrap_servers}: {exc}") from exc
+    finally:
+        admin.close()
