@@ -145,6 +145,50 @@ def tail_cmd(ctx: click.Context, topic: str, count: int | None, from_beginning: 
         pass
 
 
+@cli.command()
+@click.option("--agents", "stages", default=",".join(("ingest", "dedup", "balance", "feedback")),
+              show_default=True, help="Comma-separated subset of the agents to run.")
+@click.option("--loglevel", default="warning", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--web-port", type=int, default=None,
+              help="Port of the worker's web server (/metrics); default metrics.worker_web_port.")
+@click.pass_context
+def worker(ctx: click.Context, stages: str, loglevel: str, web_port: int | None) -> None:
+    """Run the Faust agents (several workers share the partitions)."""
+    from agents.worker import build_worker
+
+    settings = settings_of(ctx)
+    if web_port is not None:
+        settings = settings.model_copy(update={
+            "metrics": settings.metrics.model_copy(update={"worker_web_port": web_port})})
+    chosen = [s.strip() for s in stages.split(",") if s.strip()]
+    with _spinner("loading the agents (embedding model, indexes)"):
+        app = build_worker(settings, chosen)
+    click.echo(f"worker: agents {', '.join(chosen)} on {settings.bootstrap_servers}, "
+               f"Redis {settings.redis_url}; metrics at "
+               f"http://127.0.0.1:{settings.metrics.worker_web_port}/metrics", err=True)
+    from faust import Worker
+
+    Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()
+
+
+@cli.command()
+@click.argument("input_path", metavar="INPUT.jsonl[.gz]", type=click.Path(exists=True,
+                dir_okay=False, path_type=Path))
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write one decision per input line (JSONL).")
+@click.option("--namespace", default=None, help="Index namespace (default dedup.namespace).")
+@click.option("--no-semantic", is_flag=True, help="Stop after exact and fuzzy dedup.")
+@click.pass_context
+def dedup(ctx: click.Context, input_path: Path, out_path: Path, namespace: str | None,
+          no_semantic: bool) -> None:
+    """Run ingest + dedup over a JSONL file without Kafka (Redis holds the indexes)."""
+    from sluice.dedup_file import dedup_file
+
+    dedup_file(settings_of(ctx), input_path, out_path, namespace=namespace,
+               semantic=not no_semantic)
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="sluice")

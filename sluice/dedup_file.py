@@ -1,0 +1,114 @@
+"""``sluice dedup``: the ingest and dedup steps over a JSONL file, without Kafka.
+
+Writes one decision per input line, in input order (an earlier record wins over a later
+copy): ``{"id", "keep", "reason", "duplicate_of", "similarity"}``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from agents.ingest import Ingest
+from agents.outcome import Coords, Incoming, Outcome
+from sluice.settings import Settings
+from streams.connections import redis_client
+
+
+def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as handle:
+        for number, line in enumerate(handle, 1):
+            if line.strip():
+                yield number, line.strip()
+
+
+def _with_id(line: bytes, number: int) -> bytes:
+    """Give a line without an id one from its line number, so that copies stay distinct."""
+    if not line.startswith(b"{"):
+        return line
+    try:
+        obj = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        return line
+    if isinstance(obj, dict) and not obj.get("id"):
+        obj["id"] = f"line:{number}"
+        return json.dumps(obj).encode("utf-8")
+    return line
+
+
+def decision(outcome: Outcome) -> dict[str, Any]:
+    """The output line for one outcome."""
+    record = outcome.record
+    return {
+        "id": record["id"],
+        "keep": not outcome.rejected,
+        "reason": outcome.reason,
+        "duplicate_of": record.get("duplicate_of") if outcome.rejected else None,
+        "similarity": record.get("similarity") if outcome.rejected else None,
+    }
+
+
+def dedup_file(settings: Settings, input_path: Path, out_path: Path, *,
+               namespace: str | None = None, semantic: bool = True,
+               chunk: int | None = None, console: Console | None = None) -> Counter[str]:
+    """Decide every line of ``input_path``; returns counts by outcome."""
+    console = console or Console(stderr=True)
+    client = redis_client(settings)
+    ingest = Ingest(settings, client, namespace)
+    dedup = None
+    if semantic and settings.dedup.enabled:
+        from agents.dedup import SemanticDedup
+
+        with console.status("loading the embedding model"):
+            dedup = SemanticDedup(settings, client, namespace=namespace)
+    chunk = chunk or settings.dedup.batch_size
+    counts: Counter[str] = Counter()
+    total = sum(1 for _ in _lines(input_path))
+    progress = Progress(TextColumn("[bold]dedup"), BarColumn(bar_width=None),
+                        MofNCompleteColumn(), TextColumn("{task.fields[kept]:,} kept"),
+                        TimeElapsedColumn(), console=console)
+    with progress, out_path.open("w", encoding="utf-8") as out:
+        task = progress.add_task("dedup", total=total, kept=0)
+        batch: list[Incoming] = []
+        for number, line in _lines(input_path):
+            batch.append(Incoming(_with_id(line, number), None, Coords(str(input_path), 0, number)))
+            if len(batch) >= chunk:
+                _run(batch, ingest, dedup, out, counts)
+                progress.update(task, advance=len(batch), kept=counts["kept"])
+                batch = []
+        if batch:
+            _run(batch, ingest, dedup, out, counts)
+            progress.update(task, advance=len(batch), kept=counts["kept"])
+    _summary(console, counts, out_path)
+    return counts
+
+
+def _run(batch: list[Incoming], ingest: Ingest, dedup: Any, out: IO[str],
+         counts: Counter[str]) -> None:
+    outcomes = ingest.process(batch)
+    if dedup is not None:
+        passed = [(o.record, m.coords) for o, m in zip(outcomes, batch, strict=True)
+                  if not o.rejected]
+        semantic = iter(dedup.process(passed))
+        outcomes = [o if o.rejected else next(semantic) for o in outcomes]
+    for outcome in outcomes:
+        counts[outcome.reason or "kept"] += 1
+        out.write(json.dumps(decision(outcome), ensure_ascii=False) + "\n")
+
+
+def _summary(console: Console, counts: Counter[str], out_path: Path) -> None:
+    table = Table(title=f"decisions written to {out_path}", show_header=False, box=None)
+    total = sum(counts.values())
+    for reason, n in sorted(counts.items(), key=lambda kv: -kv[1]):
+        table.add_row(reason, f"{n:,}", f"{100 * n / max(total, 1):.1f} %")
+    table.add_row("total", f"{total:,}", "")
+    console.print(table)
