@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 STAGES = ("ingest", "dedup", "balance", "feedback")
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 def coords_of(event: faust.EventT) -> Coords:
@@ -52,7 +53,7 @@ class Runner:
     def __init__(self, name: str) -> None:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sluice-{name}")
 
-    async def __call__(self, fn: Callable[[T], list[Outcome]], batch: T) -> list[Outcome]:
+    async def __call__(self, fn: Callable[[T], R], batch: T) -> R:
         loop = asyncio.get_running_loop()
         delay = 0.5
         while True:

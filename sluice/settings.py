@@ -149,7 +149,7 @@ class DedupSettings(_Section):
     batch_within_s: float = Field(1.0, gt=0, description="longest wait to fill a micro-batch")
     encode_batch_size: int = Field(32, ge=1)
     chunk_tokens: int = Field(256, ge=16, description="model window for chunked embedding")
-    max_chunks: int = Field(16, ge=1, description="chunks embedded per record at most")
+    max_chunks: int = Field(8, ge=1, description="chunks embedded per record at most")
     namespace: str = "default"
     neighbours: int = Field(4, ge=1, description="VSIM COUNT per admission")
     quantization: Literal["int8", "noquant", "bin"] = "int8"
@@ -164,7 +164,7 @@ class BalanceSettings(_Section):
     policy: Literal["natural", "inverse", "power", "effective_number"] = "inverse"
     alpha: float = Field(0.9, ge=0, lt=1, description="EMA decay per window")
     window: int = Field(64, ge=1, description="samples per EMA update")
-    epsilon: float = Field(1.0, gt=0)
+    epsilon: float = Field(0.1, gt=0, description="inverse policy smoothing, samples/window")
     tau: float = Field(0.5, ge=0, description="power policy exponent")
     beta: float = Field(0.999, gt=0, lt=1, description="effective-number policy β")
     batch_size: int = Field(32, ge=1)
@@ -173,6 +173,10 @@ class BalanceSettings(_Section):
     difficulty_gamma: float = Field(1.0, ge=0, description="exponent on the loss factor")
     hard_k: float = Field(2.0, ge=0, description="replay when loss > mean + k·std")
     loss_alpha: float = Field(0.9, ge=0, lt=1, description="loss EMA decay")
+    replay_fraction: float = Field(0.125, ge=0, le=1, description="most of a batch replayed")
+    seen_ttl_s: int = Field(7 * 24 * 3600, ge=0, description="idempotency memory per id; "
+                            "keep ≥ the samples topic's retention (0: forever)")
+    retain_s: int = Field(600, ge=0, description="a used sample stays replayable this long")
     seed: int = 0
 
 

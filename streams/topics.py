@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
@@ -35,7 +37,8 @@ def topic_specs(settings: Settings) -> list[NewTopic]:
     t = settings.topics
     specs = []
     for role, name in t.all().items():
-        configs = {"retention.ms": str(t.retention_ms), "max.message.bytes": str(t.max_message_bytes)}
+        configs = {"retention.ms": str(t.retention_ms),
+                   "max.message.bytes": str(t.max_message_bytes)}
         if role == "metrics":  # snapshots are totals: a day of them is plenty
             configs["retention.ms"] = str(24 * 3600 * 1000)
         specs.append(NewTopic(name, t.partitions, t.replication_factor, topic_configs=configs))
@@ -49,13 +52,13 @@ def ensure_topics(settings: Settings) -> list[str]:
         existing = set(admin.list_topics())
         missing = [s for s in topic_specs(settings) if s.name not in existing]
         if missing:
-            try:
+            # Another process may create them meanwhile: that is fine.
+            with contextlib.suppress(TopicAlreadyExistsError):
                 admin.create_topics(missing, timeout_ms=15000)
-            except TopicAlreadyExistsError:
-                pass  # another process created them meanwhile
             admin.wait_for_topics([s.name for s in missing], timeout_ms=15000)
         return [s.name for s in missing]
     except KafkaError as exc:
-        raise SluiceError(f"could not create topics on {settings.bootstrap_servers}: {exc}") from exc
+        where = settings.bootstrap_servers
+        raise SluiceError(f"could not create topics on {where}: {exc}") from exc
     finally:
         admin.close()

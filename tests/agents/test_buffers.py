@@ -1,0 +1,215 @@
+"""ClassBuffers against a real Redis (the session ``stack``)."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterator
+from typing import Any
+from uuid import uuid4
+
+import numpy as np
+import pytest
+import redis
+
+from agents.buffers import BufferStoreError, ClassBuffers
+from sluice.settings import Settings
+from streams.connections import redis_client
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def client(stack: Settings) -> Iterator[redis.Redis]:
+    conn = redis_client(stack)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def make(client: redis.Redis) -> Iterator[Any]:
+    """Buffers factory on a fresh namespace; every key is removed afterwards."""
+    made: list[ClassBuffers] = []
+    namespace = uuid4().hex
+
+    def _make(buffer_cap: int = 100, reuse_cap: int = 3, partition: int = 0,
+              **kwargs: Any) -> ClassBuffers:
+        buf = ClassBuffers(client, namespace, partition, buffer_cap, reuse_cap, **kwargs)
+        made.append(buf)
+        return buf
+
+    yield _make
+    for buf in made:
+        buf.clear()
+
+
+def sample(i: int, label: str = "a") -> dict[str, Any]:
+    """A CuratedSample-shaped dict (the fields the buffers keep, and a few they ignore)."""
+    content = f"content {i} — ünïcode ✓"
+    return {
+        "id": f"id{i:05d}", "source": "test", "kind": "CODE", "language": "python",
+        "label": label, "content": content, "timestamp": 0, "attributes": {},
+        "digest": hashlib.sha256(content.encode()).hexdigest(), "quality_score": 1.0,
+        "embedding": np.linspace(-1, 1, 8, dtype="<f2").tobytes() + bytes([0, 255, 13, 10]),
+        "embedding_dim": 10, "model": "m", "nearest_similarity": None, "admitted_at": 0,
+    }
+
+
+def test_add_stores_what_a_batch_sample_needs_and_draw_returns_it(make: Any) -> None:
+    buf = make()
+    s = sample(1)
+    assert buf.add(s) is True
+    assert buf.sizes() == {"a": 1}
+    [got] = buf.draw({"a": 1})
+    for key in ("id", "label", "kind", "source", "content", "digest", "embedding",
+                "embedding_dim"):
+        assert got[key] == s[key]
+    assert isinstance(got["embedding"], bytes)
+    assert got["uses"] == 1 and got["replay"] is False
+
+
+def test_add_is_idempotent_by_id(make: Any, client: redis.Redis) -> None:
+    buf = make()
+    assert buf.add(sample(1)) is True
+
+    def snapshot() -> tuple[Any, ...]:
+        return (client.hgetall(buf.sample_key("id00001")),
+                client.lrange(buf.queue_key("a"), 0, -1), client.hlen(buf.prefix + ":seen"))
+
+    before = snapshot()
+    assert buf.add(dict(sample(1), content="something else")) is False
+    assert snapshot() == before
+    assert buf.add_many([sample(1), sample(2)]) == [False, True]
+    assert buf.sizes() == {"a": 2}
+    assert 0 < client.httl(buf.prefix + ":seen", "id00001")[0] <= 7 * 24 * 3600
+    forever = make(seen_ttl_s=None, partition=2)
+    forever.add(sample(1))
+    assert client.httl(forever.prefix + ":seen", "id00001") == [-1]
+    # Still refused after the sample has been used up and left the buffer.
+    used = make(reuse_cap=1, partition=1)
+    used.add(sample(5))
+    used.draw({"a": 1})
+    assert used.sizes() == {"a": 0}
+    assert used.add(sample(5)) is False and used.sizes() == {"a": 0}
+
+
+def test_class_buffer_is_bounded_and_counts_evictions(make: Any, client: redis.Redis) -> None:
+    buf = make(buffer_cap=5, retain_s=0)
+    results = buf.add_many([sample(i, "a") for i in range(12)] + [sample(100, "b")])
+    assert all(results)
+    assert buf.sizes() == {"a": 5, "b": 1}
+    assert buf.evictions() == {"a": 7}
+    # The oldest went; their payloads with them.
+    assert [s["id"] for s in buf.draw({"a": 5})] == [f"id{i:05d}" for i in range(7, 12)]
+    assert not client.exists(buf.sample_key("id00000"))
+
+
+def test_evicted_payload_is_retained_only_after_a_use(make: Any, client: redis.Redis) -> None:
+    buf = make(buffer_cap=1, retain_s=60)
+    buf.add(sample(1))
+    buf.draw({"a": 1})
+    buf.add(sample(2))  # evicts id00001, which was in a batch: kept for replay
+    assert 0 < client.ttl(buf.sample_key("id00001")) <= 60
+    assert client.ttl(buf.sample_key("id00002")) == -1  # buffered: no expiry
+    buf.add(sample(3))  # evicts id00002, never used: gone at once
+    assert not client.exists(buf.sample_key("id00002"))
+    assert buf.evictions() == {"a": 2}
+
+
+def test_draw_is_in_order_and_reuse_is_capped(make: Any, client: redis.Redis) -> None:
+    buf = make(reuse_cap=3, retain_s=0)
+    buf.add_many([sample(i, "rare") for i in range(2)] + [sample(10 + i, "big")
+                                                          for i in range(4)])
+    first = buf.draw({"big": 2, "rare": 2})
+    assert [s["id"] for s in first] == ["id00010", "id00011", "id00000", "id00001"]
+    # Oldest first, used ones go to the tail: round robin over the class.
+    assert [s["id"] for s in buf.draw({"big": 3})] == ["id00012", "id00013", "id00010"]
+    uses: dict[str, int] = {}
+    drawn = 0
+    while True:
+        got = buf.draw({"rare": 5})
+        assert len({s["id"] for s in got}) == len(got)  # never one sample twice in a draw
+        if not got:
+            break
+        drawn += len(got)
+        for s in got:
+            uses[s["id"]] = s["uses"]
+    assert drawn == 2 * 3 - 2  # each rare sample entered batches exactly reuse_cap times
+    assert uses == {"id00000": 3, "id00001": 3}
+    assert buf.sizes()["rare"] == 0
+    assert not client.exists(buf.sample_key("id00000"))  # deleted at the cap
+
+
+def test_draw_asks_more_than_there_is_and_skips_excluded(make: Any) -> None:
+    buf = make()
+    buf.add_many([sample(i) for i in range(3)])
+    assert buf.draw({"a": 0, "missing": 4}) == []
+    got = buf.draw({"a": 3}, exclude=["id00001"])
+    assert [s["id"] for s in got] == ["id00000", "id00002"]
+    # The excluded one went round with the others, without a use.
+    assert [(s["id"], s["uses"]) for s in buf.draw({"a": 3})] == [
+        ("id00000", 2), ("id00001", 1), ("id00002", 2)]
+
+
+def test_concurrent_draws_are_atomic(make: Any, stack: Settings) -> None:
+    """Two workers drawing at once never get the same sample use twice."""
+    n, reuse = 200, 2
+    buf = make(buffer_cap=1000, reuse_cap=reuse, retain_s=0)
+    buf.add_many([sample(i) for i in range(n)])
+    results: list[list[tuple[str, int]]] = [[], []]
+
+    def worker(k: int) -> None:
+        conn = redis_client(stack)
+        other = ClassBuffers(conn, buf.namespace, 0, 1000, reuse, retain_s=0)
+        while got := other.draw({"a": 7}):
+            results[k] += [(s["id"], s["uses"]) for s in got]
+        conn.close()
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    uses = results[0] + results[1]
+    assert len(uses) == n * reuse
+    assert len(set(uses)) == n * reuse  # every (id, use) handed out exactly once
+    assert results[0] and results[1]
+
+
+def test_replay_queue(make: Any, client: redis.Redis) -> None:
+    buf = make(reuse_cap=1, retain_s=60, replay_cap=3)
+    buf.add_many([sample(i) for i in range(6)])
+    buf.draw({"a": 1})  # id00000 used up: payload retained, still replayable
+    assert buf.push_replay(["id00000", "id00002", "nope", "id00002"]) == 2
+    assert buf.push_replay(["id00003", "id00004"]) == 2  # over replay_cap: oldest dropped
+    assert buf.replay_size() == 3
+    client.delete(buf.sample_key("id00003"))  # payload gone meanwhile: skipped
+    got = buf.pop_replay(5)
+    assert [s["id"] for s in got] == ["id00002", "id00004"]
+    assert all(s["replay"] for s in got)
+    assert buf.replay_size() == 0 and buf.pop_replay(2) == []
+    # A replay is not a use: the sample is still in its class with its count.
+    assert [(s["id"], s["uses"]) for s in buf.draw({"a": 5})][:2] == [
+        ("id00001", 1), ("id00002", 1)]
+
+
+def test_partitions_and_namespaces_are_separate(make: Any, client: redis.Redis) -> None:
+    p0, p1 = make(partition=0), make(partition=1)
+    p0.add(sample(1))
+    assert p1.add(sample(1)) is True  # another partition's idempotency set
+    other = ClassBuffers(client, uuid4().hex, 0, 10, 1)
+    assert other.sizes() == {}
+
+
+def test_bad_input_and_bad_client(make: Any, stack: Settings) -> None:
+    buf = make()
+    with pytest.raises(BufferStoreError):
+        buf.add({"id": "x", "label": "a"})
+    text = redis_client(stack, decode_responses=True)
+    with pytest.raises(BufferStoreError):
+        ClassBuffers(text, "ns", 0, 10, 1)
+    text.close()
+    with pytest.raises(BufferStoreError):
+        make(buffer_cap=0)

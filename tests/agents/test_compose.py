@@ -1,0 +1,186 @@
+"""Batch composition: allocation properties, lineage digest, the CuratedBatch record, and
+the class mix a simulated 80/15/5 stream gets under each policy."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+import pytest
+
+from agents.compose import (
+    ComposeError,
+    allocate,
+    allocate_with_credit,
+    assemble_batch,
+    batch_id,
+    batch_order,
+    content_digest,
+    partition_of,
+)
+from agents.policy import target_shares
+from agents.stats import ClassEMA
+from streams import serde
+
+AMPLE = {"a": 10**6, "b": 10**6, "c": 10**6}
+
+
+def test_allocate_rounds_by_largest_remainder() -> None:
+    assert allocate(10, {"a": 0.55, "b": 0.3, "c": 0.15}, AMPLE) == {"a": 6, "b": 3, "c": 1}
+    # Ties go by class name, deterministically.
+    assert allocate(2, {"b": 1 / 3, "a": 1 / 3, "c": 1 / 3}, AMPLE) == {"a": 1, "b": 1, "c": 0}
+
+
+def test_allocate_gives_a_missing_class_share_to_the_others_proportionally() -> None:
+    out = allocate(30, {"a": 0.5, "b": 0.25, "c": 0.25}, {"a": 100, "b": 100, "c": 0})
+    assert out == {"a": 20, "b": 10, "c": 0}
+    # Partial availability: c takes what it has, the rest is spread by share.
+    out = allocate(30, {"a": 0.5, "b": 0.25, "c": 0.25}, {"a": 100, "b": 100, "c": 3})
+    assert out == {"a": 18, "b": 9, "c": 3}
+    # Less available than a batch: everything there is.
+    assert allocate(30, {"a": 0.5, "b": 0.5}, {"a": 4, "b": 7}) == {"a": 4, "b": 7}
+    # A class with no share gets nothing even when it is the only one left.
+    assert allocate(8, {"a": 1.0, "b": 0.0}, {"a": 0, "b": 50}) == {"a": 0, "b": 0}
+
+
+def test_allocate_properties_on_random_inputs() -> None:
+    rng = np.random.default_rng(1)
+    for _ in range(2_000):
+        k = int(rng.integers(1, 7))
+        names = [f"c{i}" for i in range(k)]
+        shares = dict(zip(names, rng.dirichlet(np.ones(k) * 0.7).tolist(), strict=True))
+        if rng.random() < 0.2:
+            shares[names[0]] = 0.0
+        available = dict(zip(names, rng.integers(0, 40, k).tolist(), strict=True))
+        batch = int(rng.integers(0, 65))
+        out = allocate(batch, shares, available)
+        assert out == allocate(batch, dict(reversed(shares.items())), available)
+        usable = sum(available[c] for c in names if shares[c] > 0)
+        assert sum(out.values()) == min(batch, usable)
+        for c in names:
+            assert 0 <= out[c] <= available[c]
+            if shares[c] == 0:
+                assert out[c] == 0
+        total = sum(shares.values())
+        if total > 0 and all(available[c] >= batch for c in names):
+            for c in names:  # uncapped: within one of the exact quota
+                assert abs(out[c] - batch * shares[c] / total) < 1.0
+
+
+def test_credit_keeps_the_long_run_mix_on_target() -> None:
+    shares = {"a": 0.52, "b": 0.31, "c": 0.17}
+    credit: dict[str, float] = {}
+    total = dict.fromkeys(shares, 0)
+    for _ in range(100):
+        counts, credit = allocate_with_credit(7, shares, AMPLE, credit)
+        assert sum(counts.values()) == 7
+        for c, n in counts.items():
+            total[c] += n
+        assert all(abs(v) <= 1.0 for v in credit.values())
+    for c, s in shares.items():
+        assert abs(total[c] - 700 * s) <= 1.0
+    # Without credit the same rounding repeats every batch: 4/2/1 → 400/200/100.
+    assert allocate(7, shares, AMPLE) == {"a": 4, "b": 2, "c": 1}
+
+
+def _simulate(policy: str, n: int = 40_000, seed: int = 0, **params: Any) -> dict[str, float]:
+    """Feed an 80/15/5 stream through ClassEMA → target_shares → allocate_with_credit.
+
+    BalanceSettings defaults: α = 0.9, window = 64, batch of 32, ample availability; a
+    batch every 32 samples after the first 10 windows.
+    """
+    rng = np.random.default_rng(seed)
+    labels = rng.choice(["a", "b", "c"], size=n, p=[0.8, 0.15, 0.05]).tolist()
+    ema = ClassEMA(0.9, 64)
+    credit: dict[str, float] = {}
+    composed = dict.fromkeys("abc", 0)
+    for i, label in enumerate(labels, start=1):
+        ema.update(label)
+        if i % 32 == 0 and i > 640:
+            targets = target_shares(ema.get(), policy, horizon=10.0, **params)
+            counts, credit = allocate_with_credit(32, targets.shares, AMPLE, credit)
+            for c, k in counts.items():
+                composed[c] += k
+    total = sum(composed.values())
+    return {c: k / total for c, k in composed.items()}
+
+
+def _expected(policy: str, **params: Any) -> dict[str, float]:
+    return target_shares({"a": 51.2, "b": 9.6, "c": 3.2}, policy, horizon=10.0, **params).shares
+
+
+def test_natural_policy_keeps_80_15_5() -> None:
+    mix = _simulate("natural")
+    assert mix == pytest.approx({"a": 0.8, "b": 0.15, "c": 0.05}, abs=0.01)
+
+
+def test_inverse_policy_comes_out_near_uniform() -> None:
+    # ε = 1 sample per window damps the 5 % class (3.2 per window): ≈ 0.37/0.34/0.29.
+    mix = _simulate("inverse", epsilon=1.0)
+    assert max(abs(v - 1 / 3) for v in mix.values()) < 0.05
+    assert mix == pytest.approx(_expected("inverse", epsilon=1.0), abs=0.01)
+    # With ε small against the rarest class's count the mix is uniform within 0.01.
+    mix = _simulate("inverse", epsilon=0.1)
+    assert max(abs(v - 1 / 3) for v in mix.values()) < 0.01
+
+
+def test_power_policy_sits_between_natural_and_uniform() -> None:
+    mix = _simulate("power", tau=0.5)
+    assert mix == pytest.approx(_expected("power", tau=0.5), abs=0.01)  # ≈ 0.59/0.26/0.15
+    assert 1 / 3 < mix["a"] < 0.8
+    assert 0.15 < mix["b"] < 1 / 3
+    assert 0.05 < mix["c"] < 1 / 3
+
+
+def test_effective_number_policy_matches_its_target() -> None:
+    mix = _simulate("effective_number", beta=0.999)
+    assert mix == pytest.approx(_expected("effective_number", beta=0.999), abs=0.01)
+
+
+def test_content_digest_and_batch_id() -> None:
+    digests = [hashlib.sha256(s.encode()).hexdigest() for s in ("x", "y")]
+    expected = hashlib.sha256((digests[0] + "\n" + digests[1] + "\n").encode()).hexdigest()
+    assert content_digest(digests) == expected
+    assert content_digest(digests[::-1]) != expected  # the order is part of the lineage
+    assert batch_id(3, 17, expected) == f"3-17-{expected[:12]}"
+    assert partition_of(batch_id(3, 17, expected)) == 3
+    with pytest.raises(ComposeError):
+        partition_of("nope")
+
+
+def _drawn(i: int, label: str, replay: bool = False) -> dict[str, object]:
+    content = f"sample {i}"
+    return {
+        "id": f"id{i}", "label": label, "kind": "TEXT", "source": "test", "content": content,
+        "digest": hashlib.sha256(content.encode()).hexdigest(),
+        "embedding": np.arange(4, dtype="<f2").tobytes(), "embedding_dim": 4, "uses": 1,
+        "replay": replay,
+    }
+
+
+def test_assemble_batch_builds_a_valid_curated_batch() -> None:
+    drawn = [_drawn(0, "a"), _drawn(1, "a"), _drawn(2, "b"), _drawn(3, "b", replay=True)]
+    ordered = batch_order(drawn, seed=0, partition=2, sequence=5)
+    assert ordered == batch_order(drawn, seed=0, partition=2, sequence=5)
+    assert sorted(s["id"] for s in ordered) == [f"id{i}" for i in range(4)]
+    batch = assemble_batch(
+        partition=2, sequence=5, samples=ordered, policy="inverse(epsilon=1.0,gamma=1.0)",
+        class_shares={"a": 0.8, "b": 0.2}, target_shares={"a": 0.5, "b": 0.5},
+        weights={"a": 0.625, "b": 2.5}, difficulty={"a": 1.0}, created_at=1_700_000_000_000,
+    )
+    assert batch["content_digest"] == content_digest([str(s["digest"]) for s in ordered])
+    assert batch["batch_id"] == f"2-5-{batch['content_digest'][:12]}"
+    assert [s["id"] for s in batch["samples"]] == [s["id"] for s in ordered]
+    assert {s["label"]: s["weight"] for s in batch["samples"]} == {"a": 0.625, "b": 2.5}
+    assert [s["replay"] for s in batch["samples"] if s["id"] == "id3"] == [True]
+    # The record fits the schema exactly and survives the wire format.
+    assert serde.decode(serde.encode("CuratedBatch", batch), "CuratedBatch") == batch
+    with pytest.raises(ComposeError):
+        assemble_batch(partition=0, sequence=0, samples=[], policy="natural", class_shares={},
+                       target_shares={}, weights={}, difficulty=None, created_at=0)
+    with pytest.raises(ComposeError):
+        bad = {k: v for k, v in _drawn(9, "a").items() if k != "digest"}
+        assemble_batch(partition=0, sequence=0, samples=[bad], policy="natural",
+                       class_shares={}, target_shares={}, weights={}, difficulty=None,
+                       created_at=0)
