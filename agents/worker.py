@@ -85,7 +85,7 @@ def build_worker(settings: Settings, stages: Sequence[str] = STAGES) -> faust.Ap
     if unknown:
         raise SluiceError(f"unknown agent(s) {', '.join(sorted(unknown))}; "
                           f"choose from {', '.join(STAGES)}")
-    app, topics = create_app(settings)
+    app, topics = create_app(settings, settings.app_id)
     client = redis_client(settings)
     metrics: dict[str, StageMetrics] = {}
     for stage in stages:

@@ -108,6 +108,18 @@ def _spinner(text: str) -> Any:
 
 
 @cli.command()
+@click.pass_context
+def topics(ctx: click.Context) -> None:
+    """Create sluice's topics on the configured Kafka (what `up` does for the embedded one)."""
+    from streams.topics import ensure_topics
+
+    settings = settings_of(ctx)
+    created = ensure_topics(settings)
+    for name in settings.topics.all().values():
+        click.echo(f"{name:22} {'created' if name in created else 'exists'}")
+
+
+@cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--rate", type=float, default=None, help="At most this many events per second.")
 @click.option("--limit", type=int, default=None, help="Stop after this many events.")

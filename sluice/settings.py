@@ -222,6 +222,8 @@ class Settings(BaseSettings):
     )
 
     state_dir: Path = Path(".sluice")
+    app_id: str = Field("sluice", description="Faust app id: the workers' consumer group and "
+                        "the prefix of their changelog topics")
     kafka: KafkaSettings = KafkaSettings()
     redis: RedisSettings = RedisSettings()
     stack: StackSettings = StackSettings()

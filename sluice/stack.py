@@ -9,6 +9,7 @@ dirs, logs, pids and ports live under ``settings.state_dir``.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -175,22 +176,16 @@ class _Process:
         if pid is None:
             self.pid_file.unlink(missing_ok=True)
             return False
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
         if not _wait(lambda: self.pid() is None, self.settings.stack.stop_timeout_s):
             log.warning("%s (pid %d) ignored SIGTERM; killing it", self.name, pid)
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             _wait(lambda: self.pid() is None, 5)
         # Reap it when it is our own child (tests start and stop in one process).
-        try:
+        with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
         self.pid_file.unlink(missing_ok=True)
         return True
 
