@@ -22,7 +22,7 @@ import redis
 
 from agents.buffers import ClassBuffers
 from agents.compose import allocate_with_credit, assemble_batch, batch_order, partition_of
-from agents.feedback_logic import process_feedback
+from agents.feedback_logic import FeedbackOutcome, process_feedback
 from agents.metrics import StageMetrics
 from agents.outcome import now_ms
 from agents.policy import label_for, targets_for
@@ -98,7 +98,8 @@ class Balancer:
 
     def difficulty(self) -> dict[str, float]:
         """The current difficulty factor per class (empty before any feedback)."""
-        raw = self.redis.hgetall(difficulty_key(self.namespace))
+        raw: dict[bytes, bytes] = self.redis.hgetall(  # type: ignore[assignment]
+            difficulty_key(self.namespace))
         return {k.decode(): float(v) for k, v in raw.items()}
 
 
@@ -126,17 +127,19 @@ class FeedbackStep:
         b = self.settings.balance
         key = loss_state_key(self.namespace)
 
-        def update(pipe: redis.client.Pipeline) -> Any:
+        def update(pipe: redis.client.Pipeline) -> FeedbackOutcome:
             raw = pipe.get(key)
             state = json.loads(raw) if raw else None
             outcome = process_feedback(state, feedback, alpha=b.loss_alpha, hard_k=b.hard_k)
             pipe.multi()
             pipe.set(key, json.dumps(outcome.state))
             if outcome.difficulty:
-                pipe.hset(difficulty_key(self.namespace), mapping=outcome.difficulty)
+                pipe.hset(difficulty_key(self.namespace),
+                          mapping=dict(outcome.difficulty))  # type: ignore[arg-type]
             return outcome
 
-        outcome = self.redis.transaction(update, key, value_from_callable=True)
+        outcome: FeedbackOutcome = self.redis.transaction(  # type: ignore[assignment]
+            update, key, value_from_callable=True)  # type: ignore[arg-type]
         queued = 0
         if outcome.hard_ids:
             queued = self._buffers_of(partition_of(feedback["batch_id"])).push_replay(

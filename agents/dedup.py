@@ -7,7 +7,7 @@ executor so that the event loop keeps heartbeating.
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import defaultdict
 from collections.abc import Sequence
 
 import redis
@@ -31,7 +31,7 @@ class SemanticDedup:
         self.index = VectorIndex(client, namespace or settings.dedup.namespace, settings.dedup)
         self.model_name = settings.dedup.model
         #: Seconds spent per sub-step, for the metrics and the benchmark breakdown.
-        self.seconds: Counter[str] = Counter()
+        self.seconds: dict[str, float] = defaultdict(float)
 
     def process(self, batch: Sequence[tuple[Candidate, Coords]]) -> list[Outcome]:
         """One outcome per candidate, in input order."""

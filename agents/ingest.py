@@ -9,7 +9,7 @@ gets the same outcome again.
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,7 +44,7 @@ class Ingest:
         self.fuzzy = (FuzzyIndex(client, self.namespace, settings.fuzzy)
                       if settings.fuzzy.enabled else None)
         #: Seconds spent per sub-step, for the metrics and the benchmark breakdown.
-        self.seconds: Counter[str] = Counter()
+        self.seconds: dict[str, float] = defaultdict(float)
 
     def process(self, batch: Sequence[Incoming]) -> list[Outcome]:
         """One outcome per message, in input order."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -48,7 +48,7 @@ class StageMetrics:
         now = now_ms()
         self._latency_ms.extend(max(0, now - t) for t in event_times_ms)
 
-    def add_seconds(self, seconds: Counter[str]) -> None:
+    def add_seconds(self, seconds: Mapping[str, float]) -> None:
         """Time spent per sub-step (exported as gauges seconds.<step>)."""
         for step, value in seconds.items():
             self.gauges[f"seconds.{step}"] = float(value)

@@ -110,8 +110,8 @@ def _declare_ingest(app: faust.App, topics: Topics, settings: Settings, client: 
 
     @app.agent(topics.raw, name="sluice-ingest")
     async def ingest(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(4 * settings.dedup.batch_size,
-                                               within=settings.dedup.batch_within_s):
+        async for events in stream.take_events(  # type: ignore[attr-defined]
+                4 * settings.dedup.batch_size, within=settings.dedup.batch_within_s):
             batch = [Incoming(e.value, e.key, coords_of(e)) for e in events]
             metrics.count_in(len(batch))
             outcomes = await run(step.process, batch)
@@ -130,8 +130,8 @@ def _declare_dedup(app: faust.App, topics: Topics, settings: Settings, client: r
 
     @app.agent(topics.candidates, name="sluice-dedup")
     async def dedup(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(settings.dedup.batch_size,
-                                               within=settings.dedup.batch_within_s):
+        async for events in stream.take_events(  # type: ignore[attr-defined]
+                settings.dedup.batch_size, within=settings.dedup.batch_within_s):
             batch = [(e.value, coords_of(e)) for e in events]
             metrics.count_in(len(batch))
             outcomes = await run(step.process, batch)

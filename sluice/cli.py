@@ -201,6 +201,22 @@ def dedup(ctx: click.Context, input_path: Path, out_path: Path, namespace: str |
                semantic=not no_semantic)
 
 
+@cli.command()
+@click.argument("paths", nargs=-1, type=click.Path(exists=True, path_type=Path))
+@click.option("--limit", type=int, default=2000, show_default=True,
+              help="Events to produce (0: all).")
+@click.option("--idle", "idle_s", type=float, default=120.0, show_default=True,
+              help="Stop following when no outcome arrives for this long.")
+@click.pass_context
+def demo(ctx: click.Context, paths: tuple[Path, ...], limit: int, idle_s: float) -> None:
+    """Run the whole pipeline on a real corpus from this machine (or PATHS) and summarize."""
+    from rich.console import Console
+
+    from sluice.demo import run_demo
+
+    run_demo(settings_of(ctx), list(paths), limit or None, idle_s, Console(stderr=True))
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="sluice")

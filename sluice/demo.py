@@ -1,0 +1,169 @@
+"""``sluice demo``: the whole pipeline on a real corpus found on this machine.
+
+Starts the embedded stack, a worker (all agents) and, when asked, the trainer; produces
+real files (the Python standard library, C headers, the Debian package docs with their
+many identical licence texts); follows the outcomes live; prints a summary.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from kafka import KafkaConsumer, TopicPartition
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from sluice.errors import SluiceError
+from sluice.settings import Settings
+from streams.connections import kafka_client_options
+from streams.serde import DecodeError, decode
+
+
+def default_corpus() -> list[Path]:
+    """Real folders of code and text that exist on this machine."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    candidates = [stdlib / "email", stdlib / "json", stdlib / "logging", stdlib / "http",
+                  stdlib / "asyncio", Path("/usr/share/doc"), Path("/usr/include/linux"),
+                  stdlib / "unittest", stdlib / "xml"]
+    found = [p for p in candidates if p.is_dir()]
+    if not found:
+        raise SluiceError("no corpus found on this machine: pass folders to `sluice demo`")
+    return found
+
+
+class OutcomeFollower:
+    """Reads samples, rejections and batches produced after it was created."""
+
+    def __init__(self, settings: Settings) -> None:
+        t = settings.topics
+        self.topics = {t.samples: "CuratedSample", t.rejected: "Rejection",
+                       t.batches: "CuratedBatch"}
+        self.consumer = KafkaConsumer(**kafka_client_options(settings), group_id=None,
+                                      enable_auto_commit=False, consumer_timeout_ms=500)
+        tps = [TopicPartition(topic, p) for topic in self.topics
+               for p in sorted(self.consumer.partitions_for_topic(topic) or [])]
+        self.consumer.assign(tps)
+        self.consumer.seek_to_end()
+        for tp in tps:  # resolve the lazy seek now, before anything is produced
+            self.consumer.position(tp)
+        self.outcome: dict[str, str] = {}  # event id → "kept" or a rejection reason
+        self.kept_labels: Counter[str] = Counter()
+        self.batch_labels: Counter[str] = Counter()
+        self.batches = 0
+
+    def poll(self) -> None:
+        """Read whatever has arrived."""
+        for message in self.consumer:
+            try:
+                record: dict[str, Any] = decode(message.value, self.topics[message.topic])
+            except DecodeError:
+                continue
+            name = self.topics[message.topic]
+            if name == "CuratedSample":
+                if record["id"] not in self.outcome:
+                    self.kept_labels[record["label"]] += 1
+                self.outcome[record["id"]] = "kept"
+            elif name == "Rejection":
+                self.outcome.setdefault(record["id"], record["reason"])
+            else:
+                self.batches += 1
+                self.batch_labels.update(s["label"] for s in record["samples"])
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def _settings_env(settings: Settings) -> dict[str, str]:
+    return {"SLUICE_STATE_DIR": str(settings.state_dir),
+            "SLUICE_STACK__KAFKA_PORT": str(settings.stack.kafka_port),
+            "SLUICE_STACK__CONTROLLER_PORT": str(settings.stack.controller_port),
+            "SLUICE_STACK__REDIS_PORT": str(settings.stack.redis_port)}
+
+
+def start_process(settings: Settings, args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """Run ``sluice ARGS`` in the background with the same settings, output to ``log``."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "sluice.cli", *args],
+                                env=os.environ | _settings_env(settings), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def run_demo(settings: Settings, paths: list[Path], limit: int | None, idle_s: float,
+             console: Console) -> None:
+    """Stack up, worker, produce, follow until every event has an outcome, summarize."""
+    from sluice.produce import produce_paths
+    from sluice.stack import Stack
+
+    if settings.embedded:
+        with console.status("starting the embedded Kafka and Redis"):
+            Stack(settings).up()
+    logs = settings.state_dir / "logs"
+    worker = start_process(settings, ["worker", "--loglevel", "warning"], logs / "worker.log")
+    console.print(f"worker started (pid {worker.pid}, log {logs / 'worker.log'})")
+    follower = OutcomeFollower(settings)
+    try:
+        stats = produce_paths(settings, paths or default_corpus(), limit=limit, console=console)
+        _follow(follower, stats.events, idle_s, worker, console)
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        follower.close()
+    _summary(console, follower)
+
+
+def _follow(follower: OutcomeFollower, expected: int, idle_s: float,
+            worker: subprocess.Popen[bytes], console: Console) -> None:
+    progress = Progress(TextColumn("[bold]curating"), BarColumn(bar_width=None),
+                        MofNCompleteColumn(), TextColumn("{task.fields[kept]:,} kept, "
+                                                         "{task.fields[batches]:,} batches"),
+                        TimeElapsedColumn(), console=console)
+    last_change, seen = time.monotonic(), 0
+    with progress:
+        task = progress.add_task("curate", total=expected, kept=0, batches=0)
+        while len(follower.outcome) < expected:
+            follower.poll()
+            if len(follower.outcome) != seen:
+                seen, last_change = len(follower.outcome), time.monotonic()
+            progress.update(task, completed=seen, kept=sum(follower.kept_labels.values()),
+                            batches=follower.batches)
+            if worker.poll() is not None:
+                raise SluiceError(f"the worker exited with code {worker.returncode}; "
+                                  "see its log in the state folder")
+            if time.monotonic() - last_change > idle_s:
+                console.print(f"[yellow]no new outcome for {idle_s:.0f} s; stopping")
+                break
+        follower.poll()
+
+
+def _summary(console: Console, follower: OutcomeFollower) -> None:
+    reasons = Counter(follower.outcome.values())
+    table = Table(title="outcomes", show_header=True)
+    table.add_column("outcome")
+    table.add_column("events", justify="right")
+    total = sum(reasons.values())
+    for reason, n in reasons.most_common():
+        table.add_row(reason, f"{n:,} ({100 * n / max(total, 1):.1f} %)")
+    table.add_row("[bold]total", f"{total:,}")
+    console.print(table)
+    shares = Table(title=f"class shares: admitted samples vs {follower.batches} curated batches")
+    for column in ("class", "admitted", "in batches"):
+        shares.add_column(column, justify="right" if column != "class" else "left")
+    kept_total = max(sum(follower.kept_labels.values()), 1)
+    batch_total = max(sum(follower.batch_labels.values()), 1)
+    for label in sorted(set(follower.kept_labels) | set(follower.batch_labels),
+                        key=lambda c: -follower.kept_labels[c]):
+        shares.add_row(label, f"{100 * follower.kept_labels[label] / kept_total:.1f} %",
+                       f"{100 * follower.batch_labels[label] / batch_total:.1f} %")
+    console.print(shares)
