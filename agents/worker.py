@@ -98,7 +98,22 @@ def build_worker(settings: Settings, stages: Sequence[str] = STAGES) -> faust.Ap
             snapshot = stage_metrics.snapshot()
             await topics.metrics.send(key=snapshot["component"].encode(), value=snapshot)
 
+    _expose_prometheus(app, metrics)
     return app
+
+
+def _expose_prometheus(app: faust.App, metrics: dict[str, StageMetrics]) -> None:
+    """``GET /metrics`` on the worker's web server, in Prometheus text format."""
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+    from agents.prometheus import SnapshotCollector
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(lambda: [m.snapshot() for m in metrics.values()]))
+
+    @app.page("/metrics")
+    async def prometheus_metrics(web: Any, request: Any) -> Any:
+        return web.bytes(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
 
 
 def _declare_ingest(app: faust.App, topics: Topics, settings: Settings, client: redis.Redis,

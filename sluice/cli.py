@@ -205,7 +205,7 @@ def dedup(ctx: click.Context, input_path: Path, out_path: Path, namespace: str |
 @click.argument("paths", nargs=-1, type=click.Path(exists=True, path_type=Path))
 @click.option("--limit", type=int, default=2000, show_default=True,
               help="Events to produce (0: all).")
-@click.option("--idle", "idle_s", type=float, default=120.0, show_default=True,
+@click.option("--idle", "idle_s", type=float, default=300.0, show_default=True,
               help="Stop following when no outcome arrives for this long.")
 @click.pass_context
 def demo(ctx: click.Context, paths: tuple[Path, ...], limit: int, idle_s: float) -> None:
