@@ -53,9 +53,9 @@ class _Families:
     """Collects samples into families, creating each family once."""
 
     def __init__(self) -> None:
-        self.families: dict[str, Metric] = {}
+        self.families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
 
-    def add(self, factory: Callable[..., Metric], name: str, help_text: str,
+    def add(self, factory: Callable[..., CounterMetricFamily | GaugeMetricFamily], name: str, help_text: str,
             labels: dict[str, str], value: float) -> None:
         if name not in self.families:
             self.families[name] = factory(name, help_text, labels=sorted(labels))
@@ -68,15 +68,15 @@ def families(snapshots: Iterable[MetricSnapshot]) -> list[Metric]:
     out = _Families()
     for snap in snapshots:
         base = {"component": snap["component"]}
-        for name, value in snap["counters"].items():
-            _add_counter(out, base, name, float(value))
+        for name, count in snap["counters"].items():
+            _add_counter(out, base, name, float(count))
         for name, value in snap["gauges"].items():
             _add_gauge(out, base, name, float(value))
-    # Counter families' names carry no _total suffix inside prometheus_client.
     return list(out.families.values())
 
 
 def _add_counter(out: _Families, base: dict[str, str], name: str, value: float) -> None:
+    # prometheus_client names counter families without their _total suffix.
     if name in _PLAIN_COUNTERS:
         metric = _PLAIN_COUNTERS[name].removesuffix("_total")
         out.add(CounterMetricFamily, metric, f"Events {name}.", base, value)
