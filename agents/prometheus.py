@@ -55,8 +55,8 @@ class _Families:
     def __init__(self) -> None:
         self.families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
 
-    def add(self, factory: Callable[..., CounterMetricFamily | GaugeMetricFamily], name: str, help_text: str,
-            labels: dict[str, str], value: float) -> None:
+    def add(self, factory: Callable[..., CounterMetricFamily | GaugeMetricFamily], name: str,
+            help_text: str, labels: dict[str, str], value: float) -> None:
         if name not in self.families:
             self.families[name] = factory(name, help_text, labels=sorted(labels))
         family = self.families[name]
