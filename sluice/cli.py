@@ -20,8 +20,30 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# Commands whose modules import torch or a web server: loaded only when invoked.
+LAZY_COMMANDS = {
+    "train": ("trainer.cli", "train"),
+    "dashboard": ("sluice.dashboard", "dashboard"),
+    "monitor": ("sluice.monitor", "monitor"),
+}
+
+
 class _Group(click.Group):
-    """Turns sluice's own errors into one red line and exit code 1, not a traceback."""
+    """Loads heavy commands lazily; turns sluice's own errors into one red line and exit
+    code 1, not a traceback."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in LAZY_COMMANDS:
+            import importlib
+
+            module, attr = LAZY_COMMANDS[cmd_name]
+            command = getattr(importlib.import_module(module), attr)
+            assert isinstance(command, click.Command)
+            return command
+        return super().get_command(ctx, cmd_name)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

@@ -39,6 +39,8 @@ class KafkaSettings(_Section):
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
     client_id: str = "sluice"
+    connect_timeout_ms: int = Field(10_000, ge=100, description="how long a client waits "
+                                    "for the first broker before giving up")
 
 
 class RedisSettings(_Section):

@@ -16,6 +16,7 @@ def kafka_client_options(settings: Settings) -> dict[str, Any]:
         "bootstrap_servers": settings.bootstrap_servers.split(","),
         "security_protocol": k.security_protocol,
         "client_id": k.client_id,
+        "bootstrap_timeout_ms": k.connect_timeout_ms,
     }
     if k.sasl_mechanism:
         options.update(

@@ -25,6 +25,7 @@ from sluice.errors import SluiceError
 MAGIC = b"\xc3\x01"
 HEADER_LEN = 10
 KINDS = ("CODE", "TEXT")
+LONG_MIN, LONG_MAX = -(2**63), 2**63 - 1
 
 
 class DecodeError(SluiceError):
@@ -138,7 +139,19 @@ def _field(obj: dict[str, Any], key: str, typ: type, default: Any) -> Any:
     # bool is an int subclass in Python, but true is no timestamp.
     if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
         raise DecodeError("invalid_field", f"{key}: expected {typ.__name__}, got {value!r:.60}")
+    if typ is int and not LONG_MIN <= value <= LONG_MAX:
+        raise DecodeError("invalid_field", f"{key}: {value} is outside the Avro long range")
+    if typ is str:
+        _check_utf8(value, key)
     return value
+
+
+def _check_utf8(value: str, key: str) -> None:
+    # JSON can carry lone surrogates (\ud800) that no UTF-8 encoder accepts.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DecodeError("invalid_utf8", f"{key}: not encodable as UTF-8 ({exc.reason})") from exc
 
 
 def raw_event_from_mapping(obj: dict[str, Any]) -> RawEvent:
@@ -157,6 +170,9 @@ def raw_event_from_mapping(obj: dict[str, Any]) -> RawEvent:
     attributes = _field(obj, "attributes", dict, {})
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in attributes.items()):
         raise DecodeError("invalid_field", "attributes: values must be strings")
+    for name, value in attributes.items():
+        _check_utf8(name, "attributes")
+        _check_utf8(value, f"attributes.{name}")
     return RawEvent(
         id=_field(obj, "id", str, ""),
         source=_field(obj, "source", str, ""),

@@ -135,6 +135,19 @@ def _is_jsonl(path: Path) -> bool:
     return path.name.endswith((".jsonl", ".jsonl.gz"))
 
 
+def _extra_to_attributes(obj: dict[str, object]) -> dict[str, object]:
+    """Columns that are not RawEvent fields become string attributes, not an error."""
+    extra = {k: obj[k] for k in obj if k not in RawEvent.__annotations__}
+    if not extra:
+        return obj
+    fields = {k: v for k, v in obj.items() if k in RawEvent.__annotations__}
+    attributes = dict(fields.get("attributes") or {})  # type: ignore[call-overload]
+    for key, value in extra.items():
+        attributes.setdefault(key, value if isinstance(value, str) else json.dumps(value))
+    fields["attributes"] = attributes
+    return fields
+
+
 def read_jsonl(path: Path, label_field: str = "label") -> Iterator[RawEvent | BadLine]:
     """Events of a JSONL file, in order; ids default to a hash of file and line number."""
     opener = gzip.open if path.name.endswith(".gz") else open
@@ -148,8 +161,9 @@ def read_jsonl(path: Path, label_field: str = "label") -> Iterator[RawEvent | Ba
                 if not isinstance(obj, dict):
                     raise DecodeError("invalid_json", "a line must be a JSON object")
                 if label_field != "label" and label_field in obj:
-                    obj["label"] = str(obj.pop(label_field))
-                event = raw_event_from_mapping(obj)
+                    value = obj.pop(label_field)
+                    obj["label"] = None if value is None else str(value)
+                event = raw_event_from_mapping(_extra_to_attributes(obj))
             except UnicodeDecodeError:
                 yield BadLine(where, "invalid_utf8")
                 continue
@@ -173,7 +187,6 @@ def iter_events(
     for root in paths:
         if not root.exists():
             stats.skipped["missing"] += 1
-            yield BadLine(str(root), "missing")
             continue
         files = [root] if root.is_file() else _walk(root)
         for path in files:

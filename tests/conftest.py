@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -20,7 +21,7 @@ from sluice.settings import Settings, load_settings  # noqa: E402
 from sluice.stack import Stack, free_port  # noqa: E402
 
 
-def stack_settings(state_dir: str, **overrides: object) -> Settings:
+def stack_settings(state_dir: str, **overrides: Any) -> Settings:
     """Settings for an embedded stack on fresh free ports under ``state_dir``."""
     return load_settings(
         state_dir=state_dir,
