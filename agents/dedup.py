@@ -27,7 +27,8 @@ class SemanticDedup:
     def __init__(self, settings: Settings, client: redis.Redis, embedder: Embedder | None = None,
                  namespace: str | None = None) -> None:
         self.settings = settings
-        self.embedder = embedder or Embedder(settings.dedup)
+        self.embedder = embedder or Embedder(settings.dedup,
+                                             threads=settings.dedup.torch_threads or None)
         self.index = VectorIndex(client, namespace or settings.dedup.namespace, settings.dedup)
         self.model_name = settings.dedup.model
         #: Seconds spent per sub-step, for the metrics and the benchmark breakdown.

@@ -205,11 +205,12 @@ def raw_source(histories: Histories) -> tuple[str, str] | None:
     return None
 
 
-def _r(value: float | None, digits: int = 4) -> float | None:
-    """Round for JSON (keeps payloads small); None and non-finite values become None."""
+def _r(value: float | None, digits: int = 5) -> float | None:
+    """Round to ``digits`` significant digits for JSON (keeps payloads small); None and
+    non-finite values become None."""
     if value is None or not math.isfinite(value):
         return None
-    return round(value, digits)
+    return float(f"{value:.{digits}g}")
 
 
 @dataclass(frozen=True)
@@ -270,12 +271,12 @@ class View:
                 "component": comp,
                 "instances": len(mine),
                 "fresh": sum(1 for s in mine if now - s[-1].t <= self.stale_s),
-                "age_s": _r(now - max(s[-1].t for s in mine), 1),
+                "age_s": _r(now - max(s[-1].t for s in mine), 3),
             }
             for name in ("in", "out", "rejected"):
                 row[name] = int(tot.get(name, 0))
                 row[f"{name}_per_s"] = _r(component_rate(histories, comp, name, start, now))
-            row["latency_ms"] = {q: _r(gauges.get(f"latency_ms.{q}"), 1) for q in QUANTILES}
+            row["latency_ms"] = {q: _r(gauges.get(f"latency_ms.{q}")) for q in QUANTILES}
             rows.append(row)
         return rows
 
@@ -284,7 +285,7 @@ class View:
         start = now - self.window_s
         entry = entry_component(histories)
         entered = totals(histories, entry).get("in", 0) if entry else 0
-        rows = []
+        rows: list[dict[str, Any]] = []
         for comp in components(histories):
             if comp == TRAINER:
                 continue
@@ -321,7 +322,7 @@ class View:
         target, buffered = labelled(gauges, "share.target."), labelled(gauges, "buffer.")
         names = sorted(set(raw) | set(curated) | set(target))
         return [{"label": n, "raw": _r(raw.get(n)), "curated": _r(curated.get(n)),
-                 "target": _r(target.get(n)), "buffer": _r(buffered.get(n), 1)}
+                 "target": _r(target.get(n)), "buffer": _r(buffered.get(n))}
                 for n in names]
 
     def trainer_row(self, histories: Histories, now: float) -> dict[str, Any] | None:
@@ -336,7 +337,7 @@ class View:
         tot = totals(histories, TRAINER)
         row["samples"] = int(tot.get("samples", 0))
         row["batches"] = int(tot.get("batches", 0))
-        row["age_s"] = _r(now - latest_t, 1)
+        row["age_s"] = _r(now - latest_t, 3)
         row["evals"] = {k: _r(v) for k, v in labelled(gauges, "eval.").items()}
         return row
 
@@ -349,31 +350,43 @@ class View:
         out: dict[str, Any] = {"t": grid}
         w = self.window_s
 
-        def each(fn: Callable[[float], float | None], digits: int = 4) -> list[float | None]:
-            return [_r(fn(t), digits) for t in grid]
+        def throughput(t: float) -> dict[str, float]:
+            rates = {f"{c} {n}": component_rate(histories, c, n, t - w, t)
+                     for c in stages for n in ("in", "out")}
+            return {k: v for k, v in rates.items() if v is not None}
 
-        out["throughput"] = {
-            f"{comp} {name}": each(lambda t, c=comp, n=name: component_rate(
-                histories, c, n, t - w, t))
-            for comp in stages for name in ("in", "out")}
-        out["rejections"] = _labelled_series(
-            grid, lambda t: _merge(labelled_rates(histories, c, "rejected.", t - w, t)
-                                   for c in stages))
-        out["duplicates"] = self._duplicate_series(histories, grid)
-        out["latency"] = {
-            f"{comp} {q}": each(lambda t, c=comp, q=q: gauges_at(
-                histories, c, t, self.stale_s).get(f"latency_ms.{q}"), 1)
-            for comp in stages for q in QUANTILES
-            if any(f"latency_ms.{q}" in s.gauges for (c2, _), ss in histories.items()
-                   if c2 == comp for s in ss)}
+        def latency(t: float) -> dict[str, float]:
+            out: dict[str, float] = {}
+            for c in stages:
+                gauges = gauges_at(histories, c, t, self.stale_s)
+                out.update({f"{c} {q}": gauges[f"latency_ms.{q}"] for q in QUANTILES
+                            if f"latency_ms.{q}" in gauges})
+            return out
+
+        def rejections(t: float) -> dict[str, float]:
+            return _merge(labelled_rates(histories, c, "rejected.", t - w, t) for c in stages)
+
         source = raw_source(histories)
-        out["share_raw"] = _labelled_series(grid, lambda t: shares(labelled_rates(
-            histories, source[0], source[1], t - w, t)) if source else {})
-        out["share_curated"] = _labelled_series(grid, lambda t: shares(labelled_rates(
-            histories, "balance", "out.label.", t - w, t)))
-        for name in ("loss", "accuracy"):
-            out[name] = each(lambda t, n=name: gauges_at(histories, TRAINER, t,
-                                                         self.stale_s).get(n))
+
+        def share_raw(t: float) -> dict[str, float]:
+            if source is None:
+                return {}
+            return shares(labelled_rates(histories, source[0], source[1], t - w, t))
+
+        def share_curated(t: float) -> dict[str, float]:
+            return shares(labelled_rates(histories, "balance", "out.label.", t - w, t))
+
+        def training(t: float) -> dict[str, float]:
+            gauges = gauges_at(histories, TRAINER, t, self.stale_s)
+            return {n: gauges[n] for n in ("loss", "accuracy") if n in gauges}
+
+        out["throughput"] = _labelled_series(grid, throughput)
+        out["rejections"] = _labelled_series(grid, rejections)
+        out["duplicates"] = self._duplicate_series(histories, grid)
+        out["latency"] = _labelled_series(grid, latency)
+        out["share_raw"] = _labelled_series(grid, share_raw)
+        out["share_curated"] = _labelled_series(grid, share_curated)
+        out["training"] = _labelled_series(grid, training)
         out["lag"] = self._lag_series(histories, grid, lag)
         return out
 

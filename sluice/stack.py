@@ -368,7 +368,13 @@ class Stack:
         """
         self.settings.state_dir.mkdir(parents=True, exist_ok=True)
         kafka_jars(self.settings)  # fetch before starting anything, so failures are early
-        started = {"redis": self.redis.start(), "kafka": self.kafka.start()}
+        started = {"redis": self.redis.start()}
+        try:
+            started["kafka"] = self.kafka.start()
+        except StackError:
+            if started["redis"]:  # leave nothing half-started behind
+                self.redis.stop()
+            raise
         from streams.topics import ensure_topics
 
         ensure_topics(self.settings)

