@@ -139,9 +139,9 @@ def _field(obj: dict[str, Any], key: str, typ: type, default: Any) -> Any:
     # bool is an int subclass in Python, but true is no timestamp.
     if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
         raise DecodeError("invalid_field", f"{key}: expected {typ.__name__}, got {value!r:.60}")
-    if typ is int and not LONG_MIN <= value <= LONG_MAX:
+    if isinstance(value, int) and not LONG_MIN <= value <= LONG_MAX:
         raise DecodeError("invalid_field", f"{key}: {value} is outside the Avro long range")
-    if typ is str:
+    if isinstance(value, str):
         _check_utf8(value, key)
     return value
 

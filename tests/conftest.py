@@ -17,8 +17,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from sluice.settings import Settings, load_settings  # noqa: E402
-from sluice.stack import Stack, free_port  # noqa: E402
+from sluice.settings import Settings, load_settings
+from sluice.stack import Stack, free_port
 
 
 def stack_settings(state_dir: str, **overrides: Any) -> Settings:

@@ -1,0 +1,282 @@
+"""The Kafka batch source: ``curated-batches`` as a resumable PyTorch ``IterableDataset``.
+
+It stands on its own: iterate it with a plain ``DataLoader`` (``batch_size=None``), with
+torchdata's ``StatefulDataLoader``, or with the trainer's prefetcher. Partitions are assigned
+manually (rank ``r`` of ``w`` reads partitions ``r, r + w, ...``), never by the group
+coordinator, so a checkpoint's offsets are exactly what the process read and a rebalance can
+never move a partition under a running step. ``state_dict()`` is the next offset of every
+assigned partition after the last batch yielded; ``load_state_dict()`` before iterating seeks
+there, so the batch after the last one trained is the first one read.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from kafka import KafkaConsumer, TopicPartition
+from kafka.structs import OffsetAndMetadata
+from torch.utils.data import IterableDataset, get_worker_info
+
+from schemas.records import CuratedBatch
+from sluice.settings import Settings
+from streams.connections import kafka_client_options
+from streams.serde import DecodeError, decode
+from trainer.errors import TrainerError
+
+log = logging.getLogger("sluice.trainer.source")
+
+#: Upper bound on one fetch: the broker's ``message.max.bytes`` for batches is 8 MiB.
+_FETCH_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class SourcedBatch:
+    """One decoded ``CuratedBatch`` and where it came from."""
+
+    topic: str
+    partition: int
+    offset: int
+    batch: CuratedBatch
+    lag: int
+    """Batches on this source's partitions not yet read when this one was yielded."""
+
+
+@dataclass
+class SourceCounters:
+    """Totals since the source was built (read by the trainer's metrics)."""
+
+    records: int = 0
+    batches: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def drop(self, reason: str) -> None:
+        """Count one record skipped for ``reason``."""
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+
+def rank_partitions(partitions: Sequence[int], rank: int, world_size: int) -> list[int]:
+    """The partitions rank ``rank`` of ``world_size`` reads: every ``world_size``-th one."""
+    if not 0 <= rank < world_size:
+        raise TrainerError(f"rank {rank} is outside a world of {world_size}")
+    mine = sorted(partitions)[rank::world_size]
+    if not mine:
+        raise TrainerError(
+            f"rank {rank} has no partition: {len(partitions)} partitions for "
+            f"{world_size} ranks (add partitions or run fewer ranks)"
+        )
+    return mine
+
+
+class KafkaBatchSource(IterableDataset[SourcedBatch]):
+    """Decoded ``CuratedBatch`` records from Kafka, in offset order per partition.
+
+    ``from_beginning`` starts partitions without a loaded offset at the earliest batch;
+    otherwise at the group's committed offset, else at the end (new batches only).
+    ``idle_timeout_s`` ends the iteration after that long without a record (``None``: run
+    until ``stop()``). A record that does not decode is logged with its topic, partition
+    and offset, counted in ``counters.dropped["undecodable"]`` (or its reason), and skipped.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        topic: str | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        partitions: Sequence[int] | None = None,
+        from_beginning: bool = False,
+        group_id: str | None = None,
+        idle_timeout_s: float | None = None,
+        poll_timeout_s: float = 0.2,
+        max_poll_records: int = 64,
+    ) -> None:
+        super().__init__()
+        self.settings = settings
+        self.topic = topic or settings.topics.batches
+        self.rank, self.world_size = rank, world_size
+        self.partitions = list(partitions) if partitions is not None else None
+        self.from_beginning = from_beginning
+        self.group_id = group_id or settings.trainer.group_id
+        self.idle_timeout_s = idle_timeout_s
+        self.poll_timeout_s = poll_timeout_s
+        self.max_poll_records = max_poll_records
+        self.counters = SourceCounters()
+        self._positions: dict[int, int] = {}
+        self._resume: dict[int, int] = {}
+        self._highwater: dict[int, int] = {}
+        self._pending_commit: dict[int, int] | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    # -- resume state (the StatefulDataLoader protocol) ---------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """``{"topic", "offsets": {partition: next offset}}`` after the last batch yielded."""
+        with self._lock:
+            offsets = dict(self._positions) if self._positions else dict(self._resume)
+        return {"topic": self.topic, "offsets": offsets}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from ``state_dict()`` output; offsets of another topic are ignored."""
+        if state.get("topic", self.topic) != self.topic:
+            log.warning("offsets are for topic %s, not %s: ignored", state["topic"], self.topic)
+            return
+        with self._lock:
+            self._resume = {int(p): int(o) for p, o in state.get("offsets", {}).items()}
+            self._positions = {}
+
+    def commit(self, offsets: dict[int, int]) -> None:
+        """Commit ``offsets`` to the consumer group at the next poll (checkpointed offsets).
+
+        Advisory only — the checkpoint is the source of truth — but it lets Kafka's own
+        lag tools see the trainer, and a trainer without checkpoints resume near them.
+        """
+        with self._lock:
+            self._pending_commit = dict(offsets)
+
+    def stop(self) -> None:
+        """End the iteration at the next poll (thread-safe)."""
+        self._stop.set()
+
+    def lag(self) -> int:
+        """Batches on the assigned partitions written but not yet read (last fetch)."""
+        with self._lock:
+            return sum(
+                max(0, hw - self._positions.get(p, hw)) for p, hw in self._highwater.items()
+            )
+
+    # -- iteration ---------------------------------------------------------------------
+    def __iter__(self) -> Iterator[SourcedBatch]:
+        self._stop.clear()
+        consumer = self._consumer()
+        try:
+            assigned = self._assign(consumer)
+            idle_since = time.monotonic()
+            while not self._stop.is_set():
+                self._maybe_commit(consumer)
+                polled = consumer.poll(
+                    timeout_ms=int(self.poll_timeout_s * 1000), max_records=self.max_poll_records
+                )
+                self._note_highwater(consumer, assigned)
+                if not polled:
+                    if (
+                        self.idle_timeout_s is not None
+                        and time.monotonic() - idle_since > self.idle_timeout_s
+                    ):
+                        return
+                    continue
+                idle_since = time.monotonic()
+                for message in _round_robin(polled):
+                    batch = self._decode(message)
+                    with self._lock:
+                        self._positions[message.partition] = message.offset + 1
+                    if batch is not None:
+                        self.counters.batches += 1
+                        yield SourcedBatch(
+                            message.topic, message.partition, message.offset, batch, self.lag()
+                        )
+        finally:
+            self._maybe_commit(consumer)
+            consumer.close()
+
+    def _consumer(self) -> KafkaConsumer:
+        return KafkaConsumer(
+            **kafka_client_options(self.settings),
+            group_id=self.group_id,
+            enable_auto_commit=False,
+            # Only when a stored offset has left the log (retention): start at what is left.
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=_FETCH_BYTES,
+            fetch_max_bytes=_FETCH_BYTES,
+        )
+
+    def _assign(self, consumer: KafkaConsumer) -> list[TopicPartition]:
+        available = self._topic_partitions(consumer)
+        wanted = self.partitions or rank_partitions(available, self.rank, self.world_size)
+        worker = get_worker_info()
+        if worker is not None:  # a DataLoader worker process: its share of this rank's
+            wanted = rank_partitions(wanted, worker.id, worker.num_workers)
+        missing = set(wanted) - set(available)
+        if missing:
+            raise TrainerError(f"topic {self.topic} has no partitions {sorted(missing)}")
+        assigned = [TopicPartition(self.topic, p) for p in wanted]
+        consumer.assign(assigned)
+        with self._lock:
+            resume = dict(self._resume)
+        for tp in assigned:
+            if tp.partition in resume:
+                consumer.seek(tp, resume[tp.partition])
+            elif self.from_beginning:
+                consumer.seek_to_beginning(tp)
+            else:
+                committed = consumer.committed(tp)
+                if committed is not None:
+                    consumer.seek(tp, committed)
+                else:
+                    consumer.seek_to_end(tp)
+        # Resolve every start position now: an unread partition's "end" must be pinned in
+        # the first checkpoint, or a restart would skip what was written in between.
+        positions = {tp.partition: consumer.position(tp) for tp in assigned}
+        with self._lock:
+            self._positions = positions
+        log.info("reading %s partitions %s from offsets %s", self.topic, wanted, positions)
+        return assigned
+
+    def _topic_partitions(self, consumer: KafkaConsumer) -> list[int]:
+        deadline = time.monotonic() + 30.0
+        while True:
+            found = consumer.partitions_for_topic(self.topic)
+            if found:
+                return sorted(found)
+            if time.monotonic() > deadline:
+                raise TrainerError(f"topic {self.topic} does not exist (or has no partitions)")
+            time.sleep(0.2)
+
+    def _note_highwater(self, consumer: KafkaConsumer, assigned: list[TopicPartition]) -> None:
+        for tp in assigned:
+            hw = consumer.highwater(tp)
+            if hw is not None:
+                with self._lock:
+                    self._highwater[tp.partition] = hw
+
+    def _maybe_commit(self, consumer: KafkaConsumer) -> None:
+        with self._lock:
+            offsets, self._pending_commit = self._pending_commit, None
+        if not offsets:
+            return
+        try:
+            consumer.commit(
+                {
+                    TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1)
+                    for p, o in offsets.items()
+                }
+            )
+        except Exception as exc:  # advisory commit: the checkpoint is the truth
+            log.warning(
+                "committing offsets %s to group %s failed: %s", offsets, self.group_id, exc
+            )
+
+    def _decode(self, message: Any) -> CuratedBatch | None:
+        self.counters.records += 1
+        try:
+            return cast(CuratedBatch, decode(message.value, "CuratedBatch"))
+        except DecodeError as exc:
+            self.counters.drop(exc.reason)
+            log.warning(
+                "skipping %s[%d]@%d: %s", message.topic, message.partition, message.offset, exc
+            )
+            return None
+
+
+def _round_robin(polled: dict[TopicPartition, list[Any]]) -> Iterator[Any]:
+    """One record of each partition in turn (offset order within each): a poll often
+    returns a long run of one partition, and the others would wait behind it."""
+    runs = [polled[tp] for tp in sorted(polled, key=lambda t: t.partition)]
+    for row in itertools.zip_longest(*runs):
+        yield from (message for message in row if message is not None)
