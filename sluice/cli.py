@@ -229,14 +229,17 @@ def dedup(ctx: click.Context, input_path: Path, out_path: Path, namespace: str |
               help="Events to produce (0: all).")
 @click.option("--idle", "idle_s", type=float, default=300.0, show_default=True,
               help="Stop following when no outcome arrives for this long.")
+@click.option("--no-train", is_flag=True, help="Do not start the trainer.")
 @click.pass_context
-def demo(ctx: click.Context, paths: tuple[Path, ...], limit: int, idle_s: float) -> None:
+def demo(ctx: click.Context, paths: tuple[Path, ...], limit: int, idle_s: float,
+         no_train: bool) -> None:
     """Run the whole pipeline on a real corpus from this machine (or PATHS) and summarize."""
     from rich.console import Console
 
     from sluice.demo import run_demo
 
-    run_demo(settings_of(ctx), list(paths), limit or None, idle_s, Console(stderr=True))
+    run_demo(settings_of(ctx), list(paths), limit or None, idle_s, Console(stderr=True),
+             train=not no_train)
 
 
 def main() -> None:

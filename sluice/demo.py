@@ -45,7 +45,7 @@ class OutcomeFollower:
     def __init__(self, settings: Settings) -> None:
         t = settings.topics
         self.topics = {t.samples: "CuratedSample", t.rejected: "Rejection",
-                       t.batches: "CuratedBatch"}
+                       t.batches: "CuratedBatch", t.metrics: "MetricSnapshot"}
         self.consumer = KafkaConsumer(**kafka_client_options(settings), group_id=None,
                                       enable_auto_commit=False, consumer_timeout_ms=500)
         tps = [TopicPartition(topic, p) for topic in self.topics
@@ -58,6 +58,7 @@ class OutcomeFollower:
         self.kept_labels: Counter[str] = Counter()
         self.batch_labels: Counter[str] = Counter()
         self.batches = 0
+        self.trainer: dict[str, float] = {}  # the trainer's latest gauges
 
     def poll(self) -> None:
         """Read whatever has arrived."""
@@ -73,9 +74,19 @@ class OutcomeFollower:
                 self.outcome[record["id"]] = "kept"
             elif name == "Rejection":
                 self.outcome.setdefault(record["id"], record["reason"])
-            else:
+            elif name == "CuratedBatch":
                 self.batches += 1
                 self.batch_labels.update(s["label"] for s in record["samples"])
+            elif record["component"] == "trainer":
+                self.trainer.update(record["gauges"])
+
+    def trainer_line(self) -> str:
+        """Step, loss and accuracy of the trainer, when it has reported."""
+        g = self.trainer
+        if "step" not in g:
+            return "trainer: waiting for batches"
+        return (f"trainer: step {g['step']:.0f}, loss {g.get('loss', float('nan')):.3f}, "
+                f"accuracy {g.get('accuracy', float('nan')):.2f}")
 
     def close(self) -> None:
         self.consumer.close()
@@ -98,7 +109,7 @@ def start_process(settings: Settings, args: list[str], log: Path) -> subprocess.
 
 
 def run_demo(settings: Settings, paths: list[Path], limit: int | None, idle_s: float,
-             console: Console) -> None:
+             console: Console, train: bool = True) -> None:
     """Stack up, worker, produce, follow until every event has an outcome, summarize."""
     from sluice.produce import produce_paths
     from sluice.stack import Stack
@@ -109,16 +120,25 @@ def run_demo(settings: Settings, paths: list[Path], limit: int | None, idle_s: f
     logs = settings.state_dir / "logs"
     worker = start_process(settings, ["worker", "--loglevel", "warning"], logs / "worker.log")
     console.print(f"worker started (pid {worker.pid}, log {logs / 'worker.log'})")
+    processes = [worker]
+    if train:
+        trainer = start_process(settings, ["train", "--from-beginning"], logs / "trainer.log")
+        processes.append(trainer)
+        console.print(f"trainer started (pid {trainer.pid}, log {logs / 'trainer.log'})")
     follower = OutcomeFollower(settings)
     try:
         stats = produce_paths(settings, paths or default_corpus(), limit=limit, console=console)
         _follow(follower, stats.events, idle_s, worker, console)
+        if train:
+            _let_trainer_catch_up(follower, console)
     finally:
-        worker.terminate()
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
         follower.close()
     _summary(console, follower)
 
@@ -127,17 +147,19 @@ def _follow(follower: OutcomeFollower, expected: int, idle_s: float,
             worker: subprocess.Popen[bytes], console: Console) -> None:
     progress = Progress(TextColumn("[bold]curating"), BarColumn(bar_width=None),
                         MofNCompleteColumn(), TextColumn("{task.fields[kept]:,} kept, "
-                                                         "{task.fields[batches]:,} batches"),
+                                                         "{task.fields[batches]:,} batches; "
+                                                         "{task.fields[trainer]}"),
                         TimeElapsedColumn(), console=console)
     last_change, seen = time.monotonic(), 0
     with progress:
-        task = progress.add_task("curate", total=expected, kept=0, batches=0)
+        task = progress.add_task("curate", total=expected, kept=0, batches=0,
+                                 trainer=follower.trainer_line())
         while len(follower.outcome) < expected:
             follower.poll()
             if len(follower.outcome) != seen:
                 seen, last_change = len(follower.outcome), time.monotonic()
             progress.update(task, completed=seen, kept=sum(follower.kept_labels.values()),
-                            batches=follower.batches)
+                            batches=follower.batches, trainer=follower.trainer_line())
             if worker.poll() is not None:
                 raise SluiceError(f"the worker exited with code {worker.returncode}; "
                                   "see its log in the state folder")
@@ -145,6 +167,19 @@ def _follow(follower: OutcomeFollower, expected: int, idle_s: float,
                 console.print(f"[yellow]no new outcome for {idle_s:.0f} s; stopping")
                 break
         follower.poll()
+
+
+def _let_trainer_catch_up(follower: OutcomeFollower, console: Console,
+                          timeout_s: float = 60.0) -> None:
+    """Give the trainer time to report on the last batches (it trains continuously)."""
+    deadline = time.monotonic() + timeout_s
+    with console.status("letting the trainer catch up") as status:
+        while time.monotonic() < deadline and follower.batches:
+            follower.poll()
+            status.update(follower.trainer_line())
+            lag = follower.trainer.get("lag")
+            if lag is not None and lag <= 0 and "step" in follower.trainer:
+                break
 
 
 def _summary(console: Console, follower: OutcomeFollower) -> None:
@@ -167,3 +202,5 @@ def _summary(console: Console, follower: OutcomeFollower) -> None:
         shares.add_row(label, f"{100 * follower.kept_labels[label] / kept_total:.1f} %",
                        f"{100 * follower.batch_labels[label] / batch_total:.1f} %")
     console.print(shares)
+    if follower.trainer:
+        console.print(follower.trainer_line())

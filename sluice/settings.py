@@ -188,7 +188,7 @@ class TrainerSettings(_Section):
 
     model: str = "embedding-classifier"
     group_id: str = "sluice-trainer"
-    checkpoint_dir: Path = Path(".sluice/checkpoints")
+    checkpoint_dir: Path | None = Field(None, description="default: <state_dir>/checkpoints")
     checkpoint_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
     lr: float = Field(1e-3, gt=0)
@@ -256,6 +256,11 @@ class Settings(BaseSettings):
         # Priority: keyword overrides, then SLUICE_* variables, then the TOML file (the
         # file is named by ``load_settings`` through ``model_config["toml_file"]``).
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where the trainer keeps its checkpoints."""
+        return self.trainer.checkpoint_dir or self.state_dir / "checkpoints"
 
     @property
     def bootstrap_servers(self) -> str:

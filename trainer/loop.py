@@ -195,7 +195,8 @@ def _train(
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     # -- resume ---------------------------------------------------------------------------
-    store = CheckpointStore(options.checkpoint_dir or cfg.checkpoint_dir, cfg.keep_checkpoints)
+    store = CheckpointStore(options.checkpoint_dir or settings.checkpoint_dir,
+                            cfg.keep_checkpoints)
     ckpt = store.load_latest(map_location=device)
     plugin, spec = _build_model(ckpt, options, cfg.model)
     plugin.module.to(device)

@@ -162,7 +162,9 @@
       return { series, unit: "%", range: [0, 100] };
     },
     throughput(s) {
-      const last = keys(s.throughput).filter((k) => k.endsWith(" out")).pop();
+      // Each stage's intake, and what leaves the last stage (balance: curated samples).
+      const outs = keys(s.throughput).filter((k) => k.endsWith(" out"));
+      const last = outs.includes("balance out") ? "balance out" : outs.pop();
       return { series: plain(s.throughput, (k) => k.endsWith(" in") || k === last), unit: "/s" };
     },
     rejections: (s) => ({ series: plain(s.rejections), unit: "/s" }),
@@ -210,11 +212,26 @@
     };
   }
 
-  function renderChart(card, state) {
+  // The first time index where any series has a value: charts start there, not with an
+  // empty stretch when the pipeline started less than the span ago.
+  function firstKnown(s) {
+    let first = s.t.length - 1;
+    for (const [name, group] of Object.entries(s)) {
+      if (name === "t") continue;
+      for (const values of Object.values(group)) {
+        const i = values.findIndex(isNum);
+        if (i >= 0 && i < first) first = i;
+      }
+    }
+    return Math.max(0, Math.min(first, s.t.length - 2));
+  }
+
+  function renderChart(card, state, start) {
     const name = card.dataset.chart;
     const s = state.series;
     const spec = SPECS[name](s);
-    const data = [s.t].concat(spec.series.map((x) => x.values));
+    spec.series.forEach((x) => { x.values = x.values.slice(start); });
+    const data = [s.t.slice(start)].concat(spec.series.map((x) => x.values));
     const empty = !spec.series.some((x) => x.values.some(isNum));
     card.querySelector(".empty").hidden = !empty;
     const key = JSON.stringify(spec.series.map((x) => [x.label, x.scale || "y"]));
@@ -227,12 +244,15 @@
     } else {
       chart.u.setData(data);
     }
+    // Away from the cursor, the legend shows the latest values.
+    if (!(chart.u.cursor.left >= 0)) chart.u.setLegend({ idx: data[0].length - 1 });
     chart.points = spec.series.reduce((n, x) => n + x.values.filter(isNum).length, 0);
   }
 
   function renderCharts(state) {
     if (!state.series) return;
-    document.querySelectorAll(".card[data-chart]").forEach((card) => renderChart(card, state));
+    const start = firstKnown(state.series);
+    document.querySelectorAll(".card[data-chart]").forEach((card) => renderChart(card, state, start));
   }
 
   const resize = new ResizeObserver((entries) => {
