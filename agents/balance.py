@@ -168,8 +168,8 @@ def declare_balance(app: faust.App, topics: Topics, settings: Settings, client: 
 
     @app.agent(topics.samples, name="sluice-balance")
     async def balance(stream: faust.StreamT) -> None:
-        async for event in stream.events():
-            partition, sample = event.message.partition, event.value
+        async for sample in stream:
+            partition = stream.current_event.message.partition  # type: ignore[union-attr]
             metrics.count_in()
             metrics.counters[f"in.label.{sample['label']}"] += 1
             state, batch, fresh = await run(step, (partition, sample, dict(table[str(partition)])))
