@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -165,6 +166,9 @@ def dashboard(ctx: click.Context, port: int | None, host: str) -> None:
     from sluice.cli import settings_of
 
     settings = settings_of(ctx)
+    # The feed shows broker trouble itself; kafka-python's reconnect warnings would only
+    # scroll over it.
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)
     if host not in ("127.0.0.1", "localhost", "::1"):
         click.secho(f"warning: serving on {host}, reachable from other machines; the page "
                     f"has no authentication", fg="yellow", err=True)

@@ -8,6 +8,7 @@ many identical licence texts); follows the outcomes live; prints a summary.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -114,12 +115,21 @@ def run_demo(settings: Settings, paths: list[Path], limit: int | None, idle_s: f
     from sluice.produce import produce_paths
     from sluice.stack import Stack
 
+    # SIGTERM unwinds like Ctrl-C, so the worker and trainer are stopped with the demo.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if settings.embedded:
         with console.status("starting the embedded Kafka and Redis"):
             Stack(settings).up()
     logs = settings.state_dir / "logs"
-    worker = start_process(settings, ["worker", "--loglevel", "warning"], logs / "worker.log")
-    console.print(f"worker started (pid {worker.pid}, log {logs / 'worker.log'})")
+    from sluice.stack import free_port, port_is_free
+
+    web_port = settings.metrics.worker_web_port
+    if not port_is_free(web_port):
+        web_port = free_port()
+    worker = start_process(settings, ["worker", "--loglevel", "warning", "--web-port",
+                                      str(web_port)], logs / "worker.log")
+    console.print(f"worker started (pid {worker.pid}, log {logs / 'worker.log'}, "
+                  f"metrics http://127.0.0.1:{web_port}/metrics)")
     processes = [worker]
     if train:
         trainer = start_process(settings, ["train", "--from-beginning"], logs / "trainer.log")

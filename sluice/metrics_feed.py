@@ -16,7 +16,6 @@ import threading
 import time
 from bisect import insort
 from collections import deque
-from collections.abc import Mapping
 from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
@@ -133,9 +132,10 @@ class MetricsFeed:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._caught_up = threading.Event()
+        self._probed = threading.Event()  # the lag was asked for once (or cannot be)
         self._thread = threading.Thread(target=self._run, name="sluice-metrics-feed",
                                         daemon=True)
-        self._cache: tuple[float, int, dict[str, Any]] | None = None
+        self._cache: tuple[tuple[Any, ...], dict[str, Any]] | None = None
         self._ends: dict[TopicPartition, int] = {}  # backlog still to read at start
 
     # --- the public side ----------------------------------------------------------------
@@ -158,34 +158,42 @@ class MetricsFeed:
         self.close()
 
     def wait_caught_up(self, timeout_s: float) -> bool:
-        """Wait until the history present at start has been read (or the source turned out
-        to be down or empty); False on timeout."""
-        return self._caught_up.wait(timeout_s)
+        """Wait until the history present at start has been read and the lag probed once
+        (or the source turned out to be down or empty); False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        return (self._caught_up.wait(timeout_s)
+                and self._probed.wait(max(0.0, deadline - time.monotonic())))
 
-    def state(self, now: float | None = None, max_age_s: float = 0.5) -> dict[str, Any]:
-        """Status, tables and series as JSON-ready data (rebuilt at most every
-        ``max_age_s`` unless new snapshots came)."""
+    def state(self, now: float | None = None) -> dict[str, Any]:
+        """Status, tables and series as JSON-ready data.
+
+        The view is rebuilt only when a snapshot or a lag probe came in, the status changed,
+        or the series grid moved on (every ``view.step_s``); otherwise the last one is
+        returned with a fresh clock, so many watchers cost little.
+        """
         clock = time.time() if now is None else now
         with self._lock:
-            cached = self._cache
-            if (now is None and cached is not None and cached[1] == self.store.added
-                    and clock - cached[0] < max_age_s):
-                return cached[2]
-            added = self.store.added
-            histories = self.store.histories()
-            lag = list(self._lag)
             status, error = self._status, self._error
-        state = self.view.build(histories, clock, lag)
-        if status == LIVE and (state["last_snapshot"] is None
-                               or clock - state["last_snapshot"] / 1000 > self.view.stale_s):
+            key = (self.store.added, len(self._lag), self._lag[-1][0] if self._lag else 0.0,
+                   status, error, self.view.grid(clock)[-1])
+            cached = self._cache
+            if cached is None or cached[0] != key:
+                cached = None
+                histories, lag = self.store.histories(), list(self._lag)
+        if cached is None:
+            built = self.view.build(histories, clock, lag)
+            built.update(error=error,
+                         source={"bootstrap": self.settings.bootstrap_servers,
+                                 "topic": self.topic, "group": self.settings.app_id},
+                         interval_s=self.settings.metrics.interval_s,
+                         lookback_s=self.lookback_s)
+            with self._lock:
+                self._cache = cached = (key, built)
+        state = dict(cached[1])
+        last = state["last_snapshot"]
+        if status == LIVE and (last is None or clock - last / 1000 > self.view.stale_s):
             status = STALE
-        state.update(status=status, error=error, now=int(clock * 1000),
-                     source={"bootstrap": self.settings.bootstrap_servers,
-                             "topic": self.topic, "group": self.settings.app_id},
-                     interval_s=self.settings.metrics.interval_s, lookback_s=self.lookback_s,
-                     undecodable=self.undecodable)
-        with self._lock:
-            self._cache = (clock, added, state)
+        state.update(status=status, now=int(clock * 1000), undecodable=self.undecodable)
         return state
 
     # --- the thread ---------------------------------------------------------------------
@@ -205,6 +213,7 @@ class MetricsFeed:
                         consumer = self._connect()
                         if consumer is None:
                             self._caught_up.set()  # nothing to read: say so, don't hang
+                            self._probed.set()
                             self._stop.wait(self.retry_s)
                             continue
                     self._poll(consumer)
@@ -214,11 +223,13 @@ class MetricsFeed:
                 except Exception as exc:
                     # Watching must outlive any one failure (a broker going away, a client
                     # bug): report it on the page and try again, never die silently.
+                    what = str(exc) if isinstance(exc, KafkaError) else repr(exc)
                     if not isinstance(exc, KafkaError):
                         log.exception("metrics feed failed; retrying")
-                    self._set(DOWN, f"Kafka at {self.settings.bootstrap_servers}: "
-                                    f"{type(exc).__name__}: {exc}")
+                    self._set(DOWN, f"Kafka at {self.settings.bootstrap_servers} is not "
+                                    f"answering: {what}")
                     self._caught_up.set()
+                    self._probed.set()
                     self._stop.wait(self.retry_s)
         finally:
             for client in (consumer, admin):
@@ -307,9 +318,6 @@ class MetricsFeed:
                 self._status, self._error = (LIVE if self.store.added else WAITING), None
             if lag is not None:
                 self._lag.append((time.time(), lag))
+        self._probed.set()
         return admin
 
-
-def lag_total(lag: Mapping[str, int] | None) -> int | None:
-    """All topics' lag together (None when unknown)."""
-    return None if lag is None else sum(lag.values())

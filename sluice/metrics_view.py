@@ -184,9 +184,11 @@ def _last_before(samples: Sequence[Sample], t: float) -> Sample | None:
 def components(histories: Histories) -> list[str]:
     """Components present, pipeline stages first in flow order, the trainer last."""
     present = {comp for comp, _ in histories}
-    rest = sorted(present - set(STAGES) - {TRAINER})
-    return [c for c in STAGES if c in present] + rest + ([TRAINER] if TRAINER in present
-                                                         else [])
+    ordered = [c for c in STAGES if c in present]
+    ordered += sorted(present - set(STAGES) - {TRAINER})
+    if TRAINER in present:
+        ordered.append(TRAINER)
+    return ordered
 
 
 def entry_component(histories: Histories) -> str | None:

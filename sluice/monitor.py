@@ -8,6 +8,7 @@ curated; the trainer's step, loss and accuracy; consumer lag. Refreshed every se
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import time
 from collections.abc import Mapping
@@ -34,6 +35,8 @@ _HINT = {
 def _num(value: float | None, digits: int | None = None) -> str:
     if value is None:
         return "–"
+    if value == 0:
+        return "0"
     if digits is None:
         size = abs(value)
         digits = 0 if size >= 100 else 1 if size >= 10 else 2 if size >= 1 else 3
@@ -97,6 +100,8 @@ def rejections_table(state: Mapping[str, Any]) -> Table:
     for row in state["rejections"]:
         table.add_row(row["reason"], row["component"], _int(row["total"]),
                       _num(row["per_s"]), _pct(row["share"]))
+    if not state["rejections"]:
+        table.add_row(Text("none yet", style="dim"))
     return table
 
 
@@ -109,6 +114,8 @@ def classes_table(state: Mapping[str, Any]) -> Table:
     for row in state["classes"]:
         table.add_row(row["label"], _pct(row["raw"]), _pct(row["curated"]),
                       _pct(row["target"]), _int(row["buffer"]))
+    if not state["classes"]:
+        table.add_row(Text("no labels counted yet", style="dim"))
     return table
 
 
@@ -129,9 +136,11 @@ def trainer_table(state: Mapping[str, Any]) -> Table | Text:
 def lag_line(state: Mapping[str, Any]) -> Text:
     """Workers' consumer lag per topic (messages behind)."""
     lag = state.get("lag")
+    if lag is None:
+        return Text("consumer lag: unknown", style="dim")
     if not lag:
-        return Text("consumer lag: unknown (no committed offsets for group "
-                    f"{(state.get('source') or {}).get('group')})", style="dim")
+        return Text("consumer lag: no committed offsets for group "
+                    f"{(state.get('source') or {}).get('group')} yet", style="dim")
     parts = ", ".join(f"{topic} {n:,}" for topic, n in sorted(lag.items()))
     return Text(f"consumer lag: {parts}")
 
@@ -159,6 +168,9 @@ def monitor(ctx: click.Context, once: bool, interval: float, wait_s: float) -> N
     from sluice.cli import settings_of
 
     settings = settings_of(ctx)
+    # The feed shows broker trouble itself; kafka-python's reconnect warnings would only
+    # scroll over it.
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)
     console = Console()
     with MetricsFeed(settings) as feed:
         if once:

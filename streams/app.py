@@ -64,6 +64,7 @@ def create_app(settings: Settings, app_id: str = "sluice") -> tuple[faust.App, T
         broker_credentials=_credentials(settings),
         store="memory://",  # tables are rebuilt from their Kafka changelog on start
         web_enabled=True,
+        web_bind="127.0.0.1",  # loopback only; put a proxy in front to expose it
         web_host="127.0.0.1",
         web_port=settings.metrics.worker_web_port,
         topic_partitions=settings.topics.partitions,

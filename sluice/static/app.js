@@ -14,6 +14,7 @@
   const isNum = (v) => typeof v === "number" && isFinite(v);
   function num(v, digits) {
     if (!isNum(v)) return "–";
+    if (v === 0) return "0";
     const a = Math.abs(v);
     const d = digits !== undefined ? digits : a >= 100 ? 0 : a >= 10 ? 1 : a >= 1 ? 2 : 3;
     return v.toLocaleString("en-US", { minimumFractionDigits: d, maximumFractionDigits: d });
@@ -175,7 +176,7 @@
       return { series, unit: "%" };
     },
     latency: (s) => ({ series: plain(s.latency), unit: "ms" }),
-    lag: (s) => ({ series: plain(s.lag), unit: "" }),
+    lag: (s) => ({ series: plain(s.lag), unit: "", whole: true }),
     training(s) {
       const series = [];
       if (s.training.loss) series.push({ label: "loss", values: s.training.loss, color: "#e45756", width: 2 });
@@ -187,6 +188,15 @@
   function axisValues(unit) {
     return (u, vals) => vals.map((v) => (v == null ? "" : num(v, Math.abs(v) >= 10 || v === 0 ? 0 : 1) + (unit === "%" ? "%" : "")));
   }
+  // Time of day on the x axis (24 h; seconds only where a tick needs them).
+  function timeTicks(u, ticks) {
+    const pad = (n) => String(n).padStart(2, "0");
+    return ticks.map((t) => {
+      const d = new Date(t * 1000);
+      const hm = pad(d.getHours()) + ":" + pad(d.getMinutes());
+      return d.getSeconds() ? hm + ":" + pad(d.getSeconds()) : hm;
+    });
+  }
   function autoRange(u, min, max) {
     const hi = isNum(max) && max > 0 ? max * 1.15 : 1;
     return [0, hi];
@@ -194,7 +204,7 @@
 
   function options(spec, width) {
     const scales = { x: { time: true }, y: { range: spec.range ? () => spec.range : autoRange } };
-    const axes = [{ stroke: "#687082", grid: { stroke: "#eef0f3" } },
+    const axes = [{ stroke: "#687082", grid: { stroke: "#eef0f3" }, space: 70, values: timeTicks },
                   { scale: "y", size: 58, stroke: "#687082", grid: { stroke: "#eef0f3" }, values: axisValues(spec.unit) }];
     if (spec.right) {
       scales[spec.right.scale] = { range: () => spec.right.range };
@@ -207,7 +217,8 @@
       series: [{ value: "{YYYY}-{MM}-{DD} {HH}:{mm}:{ss}" }].concat(spec.series.map((s) => ({
         label: s.label, stroke: s.color, width: s.width || 1.5, dash: s.dash, scale: s.scale || "y",
         spanGaps: false, points: { show: false },
-        value: (u, v) => (v == null ? "–" : num(v) + (spec.unit === "%" || s.scale === "acc" ? " %" : spec.unit ? " " + spec.unit : "")),
+        value: (u, v) => (v == null ? "–" : (spec.whole ? int(v) : num(v)) +
+          (spec.unit === "%" || s.scale === "acc" ? " %" : spec.unit ? " " + spec.unit : "")),
       }))),
     };
   }
@@ -215,7 +226,7 @@
   // The first time index where any series has a value: charts start there, not with an
   // empty stretch when the pipeline started less than the span ago.
   function firstKnown(s) {
-    let first = s.t.length - 1;
+    let first = s.t.length;
     for (const [name, group] of Object.entries(s)) {
       if (name === "t") continue;
       for (const values of Object.values(group)) {
@@ -223,6 +234,7 @@
         if (i >= 0 && i < first) first = i;
       }
     }
+    if (first === s.t.length) return 0;             // nothing known: the whole span
     return Math.max(0, Math.min(first, s.t.length - 2));
   }
 
