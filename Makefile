@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then apt-get update -q && apt-get install -y -q openjdk-17-jre-headless; else exit 1; fi; }
 	@command -v mvn >/dev/null || { echo "Maven is needed once to fetch the Kafka jars: apt-get install -y maven"; \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then apt-get update -q && apt-get install -y -q maven; else exit 1; fi; }
+	@command -v chromium >/dev/null || { echo "Chromium is needed for the dashboard's browser test: apt-get install -y chromium"; \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then apt-get update -q && apt-get install -y -q chromium; fi; }
 	$(BIN)/pip install --quiet -e '.[dev]'
 	$(BIN)/python -c "from sluice.settings import load_settings; from sluice.stack import kafka_jars; print('Kafka jars in', kafka_jars(load_settings()))"
 	touch $(STAMP)
