@@ -178,10 +178,13 @@ def declare_balance(app: faust.App, topics: Topics, settings: Settings, client: 
                 metrics.counters["replayed"] += 1
             if batch is not None:
                 await (await topics.batches.send(key=batch["batch_id"].encode(), value=batch))
-                _batch_metrics(metrics, batch, balancers[partition])
+                buffers = balancers[partition].buffers
+                fill = await run(lambda b: (b.sizes(), b.evictions()), buffers)
+                _batch_metrics(metrics, batch, *fill)
 
 
-def _batch_metrics(metrics: StageMetrics, batch: CuratedBatch, balancer: Balancer) -> None:
+def _batch_metrics(metrics: StageMetrics, batch: CuratedBatch, sizes: dict[str, int],
+                   evictions: dict[str, int]) -> None:
     metrics.counters["out"] += len(batch["samples"])
     metrics.counters["batches"] += 1
     for sample in batch["samples"]:
@@ -196,9 +199,9 @@ def _batch_metrics(metrics: StageMetrics, batch: CuratedBatch, balancer: Balance
         metrics.gauges[f"difficulty.{label}"] = factor
     for sample in batch["samples"]:
         metrics.gauges[f"weight.{sample['label']}"] = sample["weight"]
-    for label, size in balancer.buffers.sizes().items():
+    for label, size in sizes.items():
         metrics.gauges[f"buffer.{label}"] = float(size)
-    for label, n in balancer.buffers.evictions().items():
+    for label, n in evictions.items():
         metrics.counters[f"evicted.{label}"] = int(n)
 
 

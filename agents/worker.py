@@ -153,7 +153,7 @@ def _declare_dedup(app: faust.App, topics: Topics, settings: Settings, client: r
             await send_outcomes(outcomes, topics.samples, topics.rejected)
             metrics.count_outcomes(outcomes, (cand["timestamp"] for cand, _ in batch))
             metrics.add_seconds(step.seconds)
-            metrics.gauges["index.size"] = float(step.index.size())
+            metrics.gauges["index.size"] = float(await run(lambda _: step.index.size(), None))
 
 
 def _declare_balance(app: faust.App, topics: Topics, settings: Settings, client: redis.Redis,

@@ -41,6 +41,8 @@ class KafkaSettings(_Section):
     client_id: str = "sluice"
     connect_timeout_ms: int = Field(10_000, ge=100, description="how long a client waits "
                                     "for the first broker before giving up")
+    session_timeout_s: float = Field(30.0, gt=6, description="consumer group session timeout: "
+                                     "how long a crashed worker's partitions wait")
 
 
 class RedisSettings(_Section):

@@ -278,7 +278,7 @@ class KafkaProcess(_Process):
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         cmd = [self._java(), "-cp", f"{kafka_jars(self.settings)}/*",
                *self._log_options(), "kafka.tools.StorageTool", "format",
-               "-t", cluster_id, "-c", str(self.config_file)]
+               f"--cluster-id={cluster_id}", "-c", str(self.config_file)]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise StackError(f"formatting Kafka storage in {data} failed: "

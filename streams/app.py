@@ -77,12 +77,13 @@ def create_app(settings: Settings, app_id: str = "sluice") -> tuple[faust.App, T
         broker_commit_every=200,
         broker_commit_interval=2.0,
         # Embedding a micro-batch of long code can take seconds: keep the group membership.
-        broker_session_timeout=60.0,
+        broker_session_timeout=settings.kafka.session_timeout_s,
         broker_heartbeat_interval=3.0,
         broker_max_poll_interval=600.0,
         consumer_auto_offset_reset="earliest",
         datadir=str(settings.state_dir / "faust"),
     )
+    (settings.state_dir / "faust").mkdir(parents=True, exist_ok=True)
     t = settings.topics
 
     def topic(name: str, record: str | None) -> faust.TopicT:
