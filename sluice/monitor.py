@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import click
+from rich import box
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
@@ -74,9 +75,10 @@ def header(state: Mapping[str, Any]) -> Text:
 
 def stages_table(state: Mapping[str, Any]) -> Table:
     """Per stage: totals, rates over the window, latency percentiles, live workers."""
+    # A light box and a fixed stage column keep the table readable in an 80-column terminal.
     table = Table(title=f"stages (rates over {state['window_s']:.0f} s)", title_justify="left",
-                  expand=False)
-    table.add_column("stage")
+                  expand=False, box=box.SIMPLE_HEAD, padding=(0, 1))
+    table.add_column("stage", no_wrap=True, min_width=8)
     for name in ("in", "out", "rejected", "in/s", "out/s", "rej/s", "p50 ms", "p95 ms",
                  "p99 ms", "workers"):
         table.add_column(name, justify="right", no_wrap=True)
