@@ -131,6 +131,12 @@ def run_demo(settings: Settings, paths: list[Path], limit: int | None, idle_s: f
     console.print(f"worker started (pid {worker.pid}, log {logs / 'worker.log'}, "
                   f"metrics http://127.0.0.1:{web_port}/metrics)")
     processes = [worker]
+    board_port = (settings.metrics.dashboard_port
+                  if port_is_free(settings.metrics.dashboard_port) else free_port())
+    processes.append(start_process(settings, ["dashboard", "--port", str(board_port)],
+                                   logs / "dashboard.log"))
+    console.print(f"[bold]dashboard: http://127.0.0.1:{board_port}[/]  "
+                  "(or `sluice monitor` in another terminal)")
     if train:
         trainer = start_process(settings, ["train", "--from-beginning"], logs / "trainer.log")
         processes.append(trainer)
