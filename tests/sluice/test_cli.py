@@ -88,7 +88,8 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
     jsonl = root / "reviews.jsonl.gz"
     lines = [json.dumps(r) for r in REVIEWS] + [
         '{"content": "truncated line',                      # invalid_json
-        '{"content": "An extra column.", "stars": 4}',      # invalid_field: unknown field
+        '{"content": 5}',                                   # invalid_field: wrong type
+        '{"content": "An extra column.", "stars": 4}',      # kept: extra column → attribute
     ]
     jsonl.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
     tickets = root / "tickets.jsonl"
@@ -120,9 +121,10 @@ def test_produce_paths_sends_files_and_jsonl(stack: Settings, corpus: Corpus) ->
     out = io.StringIO()
     stats = produce_paths(settings, [corpus.folder, corpus.jsonl], topic=topic,
                           console=Console(file=out, width=120))
+    extra_id = event_id(f"{corpus.jsonl}:{len(REVIEWS) + 3}")
     jsonl_ids = ["r-1", event_id(f"{corpus.jsonl}:2"), "r-3"]
-    expected = [event_id(str(p)) for p in corpus.kept] + jsonl_ids
-    assert stats.events == len(expected) == len(STDLIB_FILES) + 4 + 3
+    expected = [event_id(str(p)) for p in corpus.kept] + [*jsonl_ids, extra_id]
+    assert stats.events == len(expected) == len(STDLIB_FILES) + 4 + 4
 
     records = consume_all(settings, topic, len(expected))
     assert sorted(r.key for r in records) == sorted(k.encode() for k in expected)
@@ -144,6 +146,7 @@ def test_produce_paths_sends_files_and_jsonl(stack: Settings, corpus: Corpus) ->
     assert [events[i]["label"] for i in jsonl_ids] == ["positive", "negative", "python"]
     assert [events[i]["kind"] for i in jsonl_ids] == ["TEXT", "TEXT", "CODE"]
     assert events[jsonl_ids[1]]["attributes"] == {"stars": "1"}
+    assert events[extra_id]["attributes"] == {"stars": "4"}
 
     summary = " ".join(out.getvalue().split())
     for line in (f"events {len(expected)}", "skipped: binary 1", "skipped: too_large 1",
