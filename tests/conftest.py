@@ -17,8 +17,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import redis
+
 from sluice.settings import Settings, load_settings
 from sluice.stack import Stack, free_port
+from streams.connections import redis_client
 
 
 def stack_settings(state_dir: str, **overrides: Any) -> Settings:
@@ -41,3 +44,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
         yield settings
     finally:
         embedded.down()
+
+
+@pytest.fixture
+def client(stack: Settings) -> Iterator[redis.Redis]:
+    """A Redis client (bytes responses) on the session stack's Redis."""
+    conn = redis_client(stack)
+    try:
+        yield conn
+    finally:
+        conn.close()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -30,7 +29,6 @@ from agents.buffers import ClassBuffers
 from agents.normalize import content_digest, normalize
 from schemas.records import CuratedBatch, CuratedSample
 from sluice.settings import Settings
-from streams.connections import redis_client
 from streams.serde import encode
 from tests.agents.pipeline_util import corpus, unique_id
 
@@ -90,15 +88,6 @@ def imbalanced_stream(seed: int = 7) -> list[CuratedSample]:
 @pytest.fixture(scope="module")
 def stream() -> list[CuratedSample]:
     return imbalanced_stream()
-
-
-@pytest.fixture
-def client(stack: Settings) -> Iterator[redis.Redis]:
-    conn = redis_client(stack)
-    try:
-        yield conn
-    finally:
-        conn.close()
 
 
 def balancer(stack: Settings, client: redis.Redis, policy: str, **extra: Any) -> Balancer:

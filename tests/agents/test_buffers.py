@@ -20,15 +20,6 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def client(stack: Settings) -> Iterator[redis.Redis]:
-    conn = redis_client(stack)
-    try:
-        yield conn
-    finally:
-        conn.close()
-
-
-@pytest.fixture
 def make(client: redis.Redis) -> Iterator[Any]:
     """Buffers factory on a fresh namespace; every key is removed afterwards."""
     made: list[ClassBuffers] = []

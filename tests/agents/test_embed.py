@@ -88,7 +88,7 @@ def test_packaged_names_resolve_to_the_shipped_folder() -> None:
 
 
 def test_unavailable_backend_or_model_fails_at_construction() -> None:
-    with pytest.raises(EmbedError, match="backend"):
-        Embedder(DedupSettings(backend="onnx"))
+    with pytest.raises(EmbedError, match="device"):  # the ONNX backends run on the CPU
+        Embedder(DedupSettings(backend="onnx", device="cuda:0"))
     with pytest.raises(EmbedError, match="offline"):
         Embedder(DedupSettings(model="/nonexistent/sluice-model", device="cpu"))

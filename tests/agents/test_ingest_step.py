@@ -8,7 +8,7 @@ MinHash near-copies of real stdlib functions are caught; replays are idempotent.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -19,7 +19,6 @@ from agents.normalize import content_digest, normalize
 from agents.outcome import Coords, Incoming, Outcome
 from schemas.records import RawEvent
 from sluice.settings import Settings
-from streams.connections import redis_client
 from streams.serde import encode
 from tests.agents.pipeline_util import corpus, exact_edit, raw_event, unique_id, whitespace_edit
 
@@ -27,15 +26,6 @@ pytestmark = pytest.mark.integration
 
 MAX_EVENT_BYTES = 4096
 TOPIC = "raw-events"
-
-
-@pytest.fixture
-def client(stack: Settings) -> Iterator[redis.Redis]:
-    conn = redis_client(stack)
-    try:
-        yield conn
-    finally:
-        conn.close()
 
 
 @pytest.fixture
