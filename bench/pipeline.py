@@ -1,0 +1,304 @@
+"""Pipeline overhead, work avoided, and scale-out, on a private embedded Kafka + Redis.
+
+``python -m bench.pipeline [--quick] [--backend torch|onnx|onnx-int8]``
+
+Real files with their natural duplicates (Debian copyright files and licenses,
+site-packages and stdlib sources) are produced to ``raw-events``; then, measured in one run:
+
+1. In process: the records are consumed from Kafka, passed through ``Ingest.process`` and
+   ``SemanticDedup.process`` in the workers' micro-batch sizes, and every outcome is
+   produced to its topic; the time is broken down by stage (consume, decode,
+   quality+normalize, exact, fuzzy, embed, admit, produce).
+2. The bare model on the same texts in the same process: ``Embedder.encode`` over the
+   events that reached the model (the overhead ratio: target ≥ 0.95), and over every
+   decoded event (what the model alone would cost without the cheap layers: the work
+   avoided).
+3. Not with ``--quick``: real ``sluice worker`` processes (agents ingest,dedup) with 1 and
+   2 workers on 4 partitions, end to end: from the first event produced to the last
+   outcome on ``sluice.samples`` + ``sluice.rejected``, model loading excluded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter, defaultdict
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from bench.common import REPO_ROOT, crawl_corpus, private_stack, show, timed, write_result
+
+
+def raw_events(n: int, max_bytes: int) -> list[dict[str, Any]]:
+    """``n`` real files as RawEvents (label: where the file comes from)."""
+    now = int(time.time() * 1000)
+    return [{"id": item_id, "source": item_id.split(":", 1)[0], "kind": kind,
+             "language": "python" if kind == "CODE" else "en",
+             "label": item_id.split(":", 1)[0], "content": text, "timestamp": now,
+             "attributes": {}} for item_id, kind, text in crawl_corpus(n, max_bytes)]
+
+
+def isolated(settings: Any, backend: str, partitions: int = 4) -> Any:
+    """``settings`` with fresh topics, consumer group and Redis namespace."""
+    from streams.topics import ensure_topics
+
+    uid = uuid.uuid4().hex[:8]
+    names = {role: f"{role}-{uid}" for role in settings.topics.all()}
+    out = settings.model_copy(update={
+        "app_id": f"bench{uid}",
+        "topics": settings.topics.model_copy(update={**names, "partitions": partitions}),
+        "dedup": settings.dedup.model_copy(update={
+            "namespace": uid, "torch_threads": 1, "backend": backend}),
+    })
+    ensure_topics(out)
+    return out
+
+
+def produce(settings: Any, events: list[dict[str, Any]]) -> None:
+    """Send every event to the raw topic and wait for Kafka's acks."""
+    from streams.producer import EventProducer
+
+    with EventProducer(settings) as producer:
+        for event in events:
+            producer.send(event)  # type: ignore[arg-type]
+
+
+def in_process(settings: Any, n_events: int) -> dict[str, Any]:
+    """Consume raw events, run ingest and dedup as the agents do, produce the outcomes."""
+    from kafka import KafkaConsumer, KafkaProducer
+
+    from agents.dedup import SemanticDedup
+    from agents.embed import Embedder
+    from agents.ingest import Ingest
+    from agents.outcome import Coords, Incoming
+    from streams.connections import kafka_client_options, redis_client
+    from streams.serde import decode_raw_event, encode
+
+    client = redis_client(settings)
+    ingest = Ingest(settings, client)
+    embedder = Embedder(settings.dedup, threads=1)
+    dedup = SemanticDedup(settings, client, embedder=embedder)
+    t = settings.topics
+    consumer = KafkaConsumer(t.raw, **kafka_client_options(settings), group_id=None,
+                             auto_offset_reset="earliest", enable_auto_commit=False,
+                             max_poll_records=4 * settings.dedup.batch_size)
+    producer = KafkaProducer(**kafka_client_options(settings), acks="all", linger_ms=5,
+                             compression_type="gzip", max_request_size=8 * 2**20)
+    seconds: defaultdict[str, float] = defaultdict(float)
+    counts: Counter[str] = Counter()
+    embedded = windows_embedded = 0
+    bare = 0.0
+    decoded: list[str] = []
+    seen = 0
+    started = time.perf_counter()
+
+    def send(outcomes: list[Any], passed: str, record: str) -> None:
+        for outcome in outcomes:
+            topic, name = (t.rejected, "Rejection") if outcome.rejected else (passed, record)
+            producer.send(topic, key=outcome.record["id"].encode(),
+                          value=encode(name, outcome.record))
+
+    while seen < n_events:
+        tick = time.perf_counter()
+        polled = consumer.poll(timeout_ms=1000, max_records=4 * settings.dedup.batch_size)
+        seconds["consume"] += time.perf_counter() - tick
+        batch = [Incoming(m.value, m.key, Coords(m.topic, m.partition, m.offset))
+                 for records in polled.values() for m in records]
+        seen += len(batch)
+        tick = time.perf_counter()
+        for message in batch:  # timed apart: Ingest counts decode with quality
+            decoded.append(decode_raw_event(message.value, 2**24)["content"])
+        seconds["decode"] += time.perf_counter() - tick
+        outcomes = ingest.process(batch)
+        tick = time.perf_counter()
+        send(outcomes, t.candidates, "Candidate")
+        seconds["produce"] += time.perf_counter() - tick
+        passed = [(o.record, m.coords) for o, m in zip(outcomes, batch, strict=True)
+                  if not o.rejected]
+        counts.update(o.reason or "passed" for o in outcomes if o.rejected)
+        step = settings.dedup.batch_size
+        for i in range(0, len(passed), step):
+            chunk = passed[i:i + step]
+            embedded += len(chunk)
+            results = dedup.process(chunk)
+            # The bare model on the same texts right after, paired: a machine shared with
+            # other work slows both alike, so the ratio holds where absolute rates do not.
+            # Not counted in the pipeline's time.
+            pause = time.perf_counter()
+            texts = [cand["content"] for cand, _ in chunk]
+            _, dt = timed(partial(embedder.encode, texts))
+            bare += dt
+            windows_embedded += sum(len(c) for c in embedder.chunks(texts))
+            started += time.perf_counter() - pause
+            counts.update(o.reason or "kept" for o in results)
+            tick = time.perf_counter()
+            send(results, t.samples, "CuratedSample")
+            seconds["produce"] += time.perf_counter() - tick
+    tick = time.perf_counter()
+    producer.flush()
+    seconds["produce"] += time.perf_counter() - tick
+    total = time.perf_counter() - started
+    consumer.close()
+    producer.close()
+    seconds["quality"] = max(ingest.seconds["decode_quality"] - seconds["decode"], 0.0)
+    for key in ("exact", "fuzzy"):
+        seconds[key] = ingest.seconds[key]
+    for key in ("embed", "admit"):
+        seconds[key] = dedup.seconds[key]
+    # Without the cheap layers every decoded event would reach the model; its cost scales
+    # with the windows embedded, so it is estimated from the paired bare rate.
+    windows_all = sum(len(c) for c in embedder.chunks(decoded))
+    return {"events": seen, "embedded": embedded, "seconds_total": total,
+            "seconds": dict(seconds), "outcomes": dict(counts),
+            "bare_encode_embedded_s": bare, "windows_all": windows_all,
+            "windows_embedded": windows_embedded,
+            "bare_encode_all_s_est": bare * windows_all / max(windows_embedded, 1)}
+
+
+def worker_env(settings: Any) -> dict[str, str]:
+    """The environment that makes a ``sluice worker`` load ``settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
+    env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "SLUICE_STATE_DIR": str(settings.state_dir), "SLUICE_APP_ID": settings.app_id,
+            "SLUICE_STACK__KAFKA_PORT": str(settings.stack.kafka_port),
+            "SLUICE_STACK__CONTROLLER_PORT": str(settings.stack.controller_port),
+            "SLUICE_STACK__REDIS_PORT": str(settings.stack.redis_port),
+            "SLUICE_TOPICS__PARTITIONS": str(settings.topics.partitions),
+            "SLUICE_DEDUP__NAMESPACE": settings.dedup.namespace,
+            "SLUICE_DEDUP__TORCH_THREADS": "1", "SLUICE_DEDUP__BACKEND": settings.dedup.backend}
+    for role, name in settings.topics.all().items():
+        env[f"SLUICE_TOPICS__{role.upper()}"] = name
+    return env
+
+
+def outcomes_written(settings: Any) -> int:
+    """Messages on the samples and rejected topics (sum of their end offsets)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    from streams.connections import kafka_client_options
+
+    consumer = KafkaConsumer(**kafka_client_options(settings))
+    try:
+        parts = [TopicPartition(topic, p) for topic in (settings.topics.samples,
+                                                        settings.topics.rejected)
+                 for p in consumer.partitions_for_topic(topic) or ()]
+        return sum(consumer.end_offsets(parts).values())
+    finally:
+        consumer.close()
+
+
+def with_workers(settings: Any, events: list[dict[str, Any]], count: int, folder: Path,
+                 timeout_s: float = 900.0) -> dict[str, Any]:
+    """End-to-end events/s through ``count`` real ``sluice worker`` processes."""
+    from sluice.stack import free_port
+
+    procs = []
+    warmup = [{**events[0], "id": f"warmup-{n}", "content": events[0]["content"] + f"\n# {n}"}
+              for n in range(4)]
+    try:
+        for n in range(count):
+            own = settings.model_copy(update={"state_dir": folder / f"w{count}-{n}"})
+            own.state_dir.mkdir(parents=True, exist_ok=True)
+            log = (folder / f"w{count}-{n}.log").open("wb")
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "sluice.cli", "worker", "--agents", "ingest,dedup",
+                 "--web-port", str(free_port())], env=worker_env(own), cwd=REPO_ROOT,
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+        # Warm-up events go through once every worker has loaded its model and joined.
+        produce(settings, warmup)
+        deadline = time.monotonic() + timeout_s
+        while outcomes_written(settings) < len(warmup):
+            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                raise RuntimeError(f"workers did not start; see {folder}")
+            time.sleep(0.5)
+        time.sleep(5.0)  # let a second worker's rebalance settle
+        started = time.perf_counter()
+        produce(settings, events)
+        target = len(warmup) + len(events)
+        done = 0
+        while done < target:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {done}/{target} outcomes after {timeout_s} s")
+            time.sleep(0.25)
+            done = outcomes_written(settings)
+        elapsed = time.perf_counter() - started
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return {"workers": count, "events": len(events), "seconds": elapsed,
+            "events_per_s": len(events) / elapsed}
+
+
+def run(quick: bool, backend: str = "torch") -> dict[str, Any]:
+    """All parts; writes bench/results/pipeline[-quick].json."""
+    events = raw_events(120, 2_500) if quick else raw_events(400, 6_000)
+    with tempfile.TemporaryDirectory(prefix="sluice-bench-") as tmp, \
+            private_stack(Path(tmp) / "stack") as base:
+        settings = isolated(base, backend)
+        produce(settings, events)
+        result = in_process(settings, len(events))
+        workers = []
+        if not quick:
+            for count in (1, 2):
+                workers.append(with_workers(isolated(base, backend), events, count,
+                                            Path(tmp) / "workers"))
+    _report(result, workers, backend)
+    payload = {"backend": backend, "in_process": result, "workers": workers}
+    write_result("pipeline", quick, payload)
+    return payload
+
+
+def _report(r: dict[str, Any], workers: list[dict[str, Any]], backend: str) -> None:
+    total = r["seconds_total"]
+    rows = [[stage, s, f"{100 * s / total:.1f} %"] for stage, s in
+            sorted(r["seconds"].items(), key=lambda kv: -kv[1])]
+    other = total - sum(r["seconds"].values())
+    rows.append(["other (Python glue)", other, f"{100 * other / total:.1f} %"])
+    rows.append(["total", total, "100 %"])
+    show(f"where the time goes: {r['events']} real files, in process over Kafka "
+         f"({backend}, 1 thread)", ["stage", "seconds", "share"], rows)
+    events, embedded = r["events"], r["embedded"]
+    rate = events / total
+    all_est = r["bare_encode_all_s_est"]
+    show("pipeline vs the bare model, same texts, paired in the same run",
+         ["measure", "value"],
+         [["events/s through ingest → dedup (incl. Kafka)", rate],
+          ["events reaching the model", f"{embedded} of {events} "
+                                        f"({100 * embedded / events:.1f} %)"],
+          ["bare encode of those: s (pipeline: s)",
+           f"{r['bare_encode_embedded_s']:.1f} ({total:.1f})"],
+          ["overhead ratio: bare encode s / pipeline s (target ≥ 0.95)",
+           r["bare_encode_embedded_s"] / total],
+          ["windows embedded / windows of every event",
+           f"{r['windows_embedded']} / {r['windows_all']}"],
+          ["model on every event (no cheap layers), est. events/s", events / all_est],
+          ["gain from the cheap layers (× events/s)", all_est / total]])
+    reasons = Counter(r["outcomes"])
+    show("work avoided: where events went",
+         ["outcome", "events", "share"],
+         [[k, v, f"{100 * v / events:.1f} %"] for k, v in reasons.most_common()])
+    if workers:
+        base = workers[0]["events_per_s"]
+        show("real `sluice worker` processes, end to end (ingest,dedup; 4 partitions)",
+             ["workers", "events", "seconds", "events/s", "× 1 worker"],
+             [[w["workers"], w["events"], w["seconds"], w["events_per_s"],
+               w["events_per_s"] / base] for w in workers])
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--backend", default="torch", choices=["torch", "onnx", "onnx-int8"])
+    args = parser.parse_args()
+    run(args.quick, args.backend)
