@@ -9,14 +9,18 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import redis
 
 from agents.embed import Embedder, to_f16_bytes
 from agents.index import VectorIndex
-from agents.outcome import Coords, Outcome, now_ms, rejection
+from agents.outcome import Coords, Incoming, Outcome, now_ms, rejection
 from schemas.records import Candidate, CuratedSample
 from sluice.settings import Settings
+
+if TYPE_CHECKING:
+    from agents.ingest import Ingest
 
 
 class SemanticDedup:
@@ -68,3 +72,16 @@ class SemanticDedup:
             model=self.model_name, nearest_similarity=nearest, admitted_at=now_ms(),
         )
 
+
+
+def ingest_and_dedup(batch: Sequence[Incoming], ingest: Ingest,
+                     dedup: SemanticDedup | None) -> list[Outcome]:
+    """Both steps over one micro-batch without Kafka: one outcome per message, in order
+    (``sluice dedup`` and the benchmarks)."""
+    outcomes = ingest.process(batch)
+    if dedup is None:
+        return outcomes
+    passed = [(o.record, m.coords) for o, m in zip(outcomes, batch, strict=True)
+              if not o.rejected]
+    decided = iter(dedup.process(passed))
+    return [o if o.rejected else next(decided) for o in outcomes]

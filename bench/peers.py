@@ -101,7 +101,7 @@ def sluice_layers(client: Any, corpus: list[tuple[str, str]], semantic: bool) ->
     """sluice's own steps over the corpus as JSON events; (duplicate flags, quality drops)."""
     import json
 
-    from agents.dedup import SemanticDedup
+    from agents.dedup import SemanticDedup, ingest_and_dedup
     from agents.embed import Embedder
     from agents.ingest import Ingest
     from agents.outcome import Coords, Incoming
@@ -122,13 +122,7 @@ def sluice_layers(client: Any, corpus: list[tuple[str, str]], semantic: bool) ->
                                          else "TEXT", "content": text}).encode(),
                              None, Coords("bench", 0, start + k))
                     for k, (item_id, text) in enumerate(part)]
-        outcomes = ingest.process(messages)
-        if dedup is not None:
-            passed = [(o.record, m.coords) for o, m in zip(outcomes, messages, strict=True)
-                      if not o.rejected]
-            decided = iter(dedup.process(passed))
-            outcomes = [o if o.rejected else next(decided) for o in outcomes]
-        for outcome in outcomes:
+        for outcome in ingest_and_dedup(messages, ingest, dedup):
             flags.append(outcome.reason in DUPLICATES)
             quality += bool(outcome.reason and outcome.reason.startswith("quality"))
     return np.array(flags), quality

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from agents.dedup import ingest_and_dedup
 from agents.ingest import Ingest
 from agents.outcome import Coords, Incoming, Outcome
 from sluice.settings import Settings
@@ -94,13 +95,7 @@ def dedup_file(settings: Settings, input_path: Path, out_path: Path, *,
 
 def _run(batch: list[Incoming], ingest: Ingest, dedup: Any, out: IO[str],
          counts: Counter[str]) -> None:
-    outcomes = ingest.process(batch)
-    if dedup is not None:
-        passed = [(o.record, m.coords) for o, m in zip(outcomes, batch, strict=True)
-                  if not o.rejected]
-        semantic = iter(dedup.process(passed))
-        outcomes = [o if o.rejected else next(semantic) for o in outcomes]
-    for outcome in outcomes:
+    for outcome in ingest_and_dedup(batch, ingest, dedup):
         counts[outcome.reason or "kept"] += 1
         out.write(json.dumps(decision(outcome), ensure_ascii=False) + "\n")
 
