@@ -17,8 +17,8 @@ import redis
 
 from agents.dedup import SemanticDedup
 from agents.embed import Embedder, from_f16_bytes
-from agents.fuzzy import MinHasher, jaccard
 from agents.index import vset_key
+from agents.minhash import MinHasher, jaccard
 from agents.normalize import content_digest, normalize
 from agents.outcome import Coords, Outcome
 from schemas.records import Candidate

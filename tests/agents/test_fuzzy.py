@@ -14,15 +14,8 @@ import pytest
 import redis
 from datasketch import MinHash
 
-from agents.fuzzy import (
-    FuzzyDecision,
-    FuzzyError,
-    FuzzyIndex,
-    MinHasher,
-    _Stored,
-    jaccard,
-    word_bytes,
-)
+from agents.fuzzy import FuzzyDecision, FuzzyError, FuzzyIndex, _Stored
+from agents.minhash import MinHasher, jaccard, word_bytes
 from sluice.settings import FuzzySettings, Settings
 from streams.connections import redis_client
 
