@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import REPO_ROOT, crawl_corpus, private_stack, show, timed, write_result
+from sluice.demo import stop_processes
 
 
 def raw_events(n: int, max_bytes: int) -> list[dict[str, Any]]:
@@ -229,13 +230,7 @@ def with_workers(settings: Any, events: list[dict[str, Any]], count: int, folder
             done = outcomes_written(settings)
         elapsed = time.perf_counter() - started
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(procs)
     return {"workers": count, "events": len(events), "seconds": elapsed,
             "events_per_s": len(events) / elapsed}
 

@@ -109,6 +109,17 @@ def start_process(settings: Settings, args: list[str], log: Path) -> subprocess.
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def stop_processes(processes: list[subprocess.Popen[bytes]], grace_s: float = 30.0) -> None:
+    """SIGTERM every process, then SIGKILL those still running after ``grace_s``."""
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
 def run_demo(settings: Settings, paths: list[Path], limit: int | None, idle_s: float,
              console: Console, train: bool = True) -> None:
     """Stack up, worker, produce, follow until every event has an outcome, summarize."""
@@ -148,13 +159,7 @@ def run_demo(settings: Settings, paths: list[Path], limit: int | None, idle_s: f
         if train:
             _let_trainer_catch_up(follower, console)
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_processes(processes)
         follower.close()
     _summary(console, follower)
 
