@@ -30,6 +30,7 @@ demo: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy schemas streams agents trainer sluice
+	$(BIN)/lint-imports
 
 test: install
 	$(MAKE) lint

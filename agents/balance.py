@@ -23,6 +23,7 @@ import redis
 from agents.buffers import ClassBuffers
 from agents.compose import allocate_with_credit, assemble_batch, batch_order, partition_of
 from agents.feedback_logic import FeedbackOutcome, process_feedback
+from agents.keys import difficulty_key, loss_state_key
 from agents.metrics import StageMetrics
 from agents.outcome import now_ms
 from agents.policy import label_for, targets_for
@@ -30,16 +31,6 @@ from agents.stats import ClassEMA
 from schemas.records import CuratedBatch, CuratedSample, Feedback
 from sluice.settings import Settings
 from streams.app import Topics
-
-
-def difficulty_key(namespace: str) -> str:
-    """Redis hash of the difficulty factor per class, written by feedback."""
-    return f"sluice:{namespace}:difficulty"
-
-
-def loss_state_key(namespace: str) -> str:
-    """Redis string holding the shared LossEMA state (JSON)."""
-    return f"sluice:{namespace}:loss"
 
 
 class Balancer:
@@ -51,7 +42,7 @@ class Balancer:
         self.settings = b
         self.redis = client
         self.partition = partition
-        self.namespace = namespace or settings.dedup.namespace
+        self.namespace = namespace or settings.redis.namespace
         self.buffers = ClassBuffers(client, self.namespace, partition, b.buffer_cap, b.reuse_cap,
                                     seen_ttl_s=b.seen_ttl_s or None, retain_s=b.retain_s)
         self.policy = label_for(b)
@@ -110,7 +101,7 @@ class FeedbackStep:
                  namespace: str | None = None) -> None:
         self.settings = settings
         self.redis = client
-        self.namespace = namespace or settings.dedup.namespace
+        self.namespace = namespace or settings.redis.namespace
         self._buffers: dict[int, ClassBuffers] = {}
 
     def _buffers_of(self, partition: int) -> ClassBuffers:

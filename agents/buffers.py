@@ -32,7 +32,8 @@ from typing import Any
 
 import redis
 
-from sluice.errors import SluiceError
+from agents.keys import buffer_prefix
+from schemas.errors import SluiceError
 
 
 class BufferStoreError(SluiceError):
@@ -178,7 +179,7 @@ class ClassBuffers:
         self.seen_ttl_s = int(seen_ttl_s or 0)
         self.retain_s = int(retain_s)
         self.replay_cap = int(replay_cap if replay_cap is not None else buffer_cap)
-        self.prefix = f"sluice:{namespace}:buf:{{{self.partition}}}"
+        self.prefix = buffer_prefix(namespace, self.partition)
         self._sample_prefix = f"{self.prefix}:s:"
         self._add = redis_client.register_script(_ADD)
         self._draw = redis_client.register_script(_DRAW)

@@ -15,8 +15,8 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from schemas.errors import SluiceError
 from schemas.records import BatchSample, CuratedBatch
-from sluice.errors import SluiceError
 
 
 class ComposeError(SluiceError):

@@ -33,7 +33,7 @@ class SemanticDedup:
         self.settings = settings
         self.embedder = embedder or Embedder(settings.dedup,
                                              threads=settings.dedup.torch_threads or None)
-        self.index = VectorIndex(client, namespace or settings.dedup.namespace, settings.dedup)
+        self.index = VectorIndex(client, namespace or settings.redis.namespace, settings.dedup)
         self.model_name = settings.dedup.model
         #: Seconds spent per sub-step, for the metrics and the benchmark breakdown.
         self.seconds: dict[str, float] = defaultdict(float)

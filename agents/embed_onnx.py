@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from sluice.errors import SluiceError
+from schemas.errors import SluiceError
 
 #: Where exports are cached unless the caller names a folder.
 DEFAULT_CACHE = Path.home() / ".cache" / "sluice" / "onnx"

@@ -39,6 +39,8 @@ import numpy as np
 import redis
 from datasketch import MinHashLSH
 
+from agents.config import FuzzySettings
+from agents.keys import lsh_prefix
 from agents.minhash import (
     _SHINGLE_BASE,
     SCHEME,
@@ -48,8 +50,7 @@ from agents.minhash import (
     _fmix64,
     jaccard,
 )
-from sluice.errors import SluiceError
-from sluice.settings import FuzzySettings
+from schemas.errors import SluiceError
 
 DEFAULT_WEIGHTS = (0.05, 0.95)
 """False-positive / false-negative weights for choosing bands × rows (datasketch's optimum).
@@ -154,7 +155,7 @@ class FuzzyIndex:
             raise FuzzyError("FuzzyIndex needs a Redis client with decode_responses=False")
         self.redis = redis_or_url
         self.settings = settings
-        self.prefix = f"sluice:{{{namespace}}}:lsh"
+        self.prefix = lsh_prefix(namespace)
         self.hasher = MinHasher(settings.num_perm, settings.shingle_words)
         params = MinHashLSH(threshold=settings.threshold, num_perm=settings.num_perm,
                             weights=weights)

@@ -32,8 +32,9 @@ from typing import Any
 import numpy as np
 import redis
 
-from sluice.errors import SluiceError
-from sluice.settings import DedupSettings
+from agents.config import DedupSettings
+from agents.keys import vset_key
+from schemas.errors import SluiceError
 
 # KEYS[1]: the vector set.
 # ARGV: min_score, count, quantization, build ef, M, reduce (0: none), then id, blob pairs.
@@ -109,11 +110,6 @@ def cosine_to_score(cos: float) -> float:
     return (1.0 + cos) / 2.0
 
 
-def vset_key(namespace: str) -> str:
-    """The Redis key of a namespace's vector set."""
-    return f"sluice:{namespace}:vset"
-
-
 class VectorIndex:
     """Atomic near-duplicate admission against one Redis 8 vector set.
 
@@ -128,11 +124,6 @@ class VectorIndex:
         settings: DedupSettings,
         reduce: int | None = None,
     ) -> None:
-        if settings.shards > 1:
-            raise VectorIndexError(
-                f"dedup.shards={settings.shards}: centroid sharding is not implemented yet; "
-                "use dedup.shards=1 (one vector set per namespace)"
-            )
         self.client = redis_client
         self.namespace = namespace
         self.settings = settings

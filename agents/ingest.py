@@ -16,6 +16,7 @@ from typing import Any
 import redis
 
 from agents.fuzzy import FuzzyIndex
+from agents.keys import exact_key
 from agents.normalize import content_digest, derive_id, normalize
 from agents.outcome import Incoming, Outcome, now_ms, rejection
 from agents.quality import QualityFilter
@@ -26,11 +27,6 @@ from streams.serde import DecodeError, decode_raw_event
 UNLABELED = "unlabeled"
 
 
-def exact_key(namespace: str, digest: str) -> str:
-    """The Redis key that claims a normalized content digest for the first event id."""
-    return f"sluice:{namespace}:exact:{digest}"
-
-
 class Ingest:
     """Everything before the embedding model; cheap, and spares the model most copies."""
 
@@ -39,7 +35,7 @@ class Ingest:
     def __init__(self, settings: Settings, client: redis.Redis, namespace: str | None = None):
         self.settings = settings
         self.redis = client
-        self.namespace = namespace or settings.dedup.namespace
+        self.namespace = namespace or settings.redis.namespace
         self.quality = QualityFilter(settings.ingest)
         self.fuzzy = (FuzzyIndex(client, self.namespace, settings.fuzzy)
                       if settings.fuzzy.enabled else None)

@@ -31,8 +31,8 @@ import math
 from collections.abc import Mapping
 from typing import Literal, NamedTuple, get_args
 
-from sluice.errors import SluiceError
-from sluice.settings import BalanceSettings
+from agents.config import BalanceSettings
+from schemas.errors import SluiceError
 
 Policy = Literal["natural", "inverse", "power", "effective_number"]
 POLICIES: tuple[str, ...] = get_args(Policy)

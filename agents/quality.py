@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Literal, TypeVar
 
-from sluice.errors import SluiceError
-from sluice.settings import CodeQualitySettings, IngestSettings, TextQualitySettings
+from agents.config import CodeQualitySettings, IngestSettings, TextQualitySettings
+from schemas.errors import SluiceError
 
 Kind = Literal["CODE", "TEXT"]
 S = TypeVar("S", CodeQualitySettings, TextQualitySettings)

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sluice.errors import SluiceError
+from schemas.errors import SluiceError
 
 
 class StatsStateError(SluiceError):

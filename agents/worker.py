@@ -18,7 +18,7 @@ import redis
 
 from agents.metrics import StageMetrics
 from agents.outcome import Coords, Incoming, Outcome
-from sluice.errors import SluiceError
+from schemas.errors import SluiceError
 from sluice.settings import Settings
 from streams.app import Topics, create_app
 from streams.connections import redis_client
@@ -85,8 +85,11 @@ def build_worker(settings: Settings, stages: Sequence[str] = STAGES) -> faust.Ap
     if unknown:
         raise SluiceError(f"unknown agent(s) {', '.join(sorted(unknown))}; "
                           f"choose from {', '.join(STAGES)}")
-    app, topics = create_app(settings, settings.app_id)
-    client = redis_client(settings)
+    app, topics = create_app(settings.kafka, settings.topics, app_id=settings.app_id,
+                             datadir=settings.state_dir / "faust",
+                             web_port=settings.metrics.worker_web_port,
+                             buffer_maxsize=4 * settings.dedup.batch_size)
+    client = redis_client(settings.redis)
     metrics: dict[str, StageMetrics] = {}
     for stage in stages:
         metrics[stage] = StageMetrics(stage)

@@ -176,7 +176,7 @@ def embed_cached(texts: list[str], backend: str = "torch", threads: int | None =
                  max_chunks: int | None = None, embedder: Any = None) -> np.ndarray:
     """Embeddings of ``texts`` with the default model, cached under ~/.cache/sluice/bench/
     by content, backend and chunking (embedding 100k lines takes most of an hour here)."""
-    from sluice.settings import DedupSettings
+    from agents.config import DedupSettings
 
     settings = DedupSettings(device="cpu", backend=backend)
     digest = hashlib.sha256()

@@ -207,7 +207,7 @@ def curate(settings: Any, records: list[dict[str, Any]], order: list[int],
     from streams.serde import encode
 
     namespace = f"bench-{os.urandom(6).hex()}"
-    client = redis_client(settings)
+    client = redis_client(settings.redis)
     ingest = Ingest(settings, client, namespace)
     dedup = SemanticDedup(settings, client, embedder=_cached_embedder(settings, cache),
                           namespace=namespace)
@@ -251,7 +251,7 @@ def balance(settings: Any, samples: list[Any], policy: str) -> list[dict[str, An
     settings = settings.model_copy(update={
         "balance": settings.balance.model_copy(update={"policy": policy,
                                                        "batch_size": BATCH})})
-    client = redis_client(settings)
+    client = redis_client(settings.redis)
     balancer = Balancer(settings, client, partition=0,
                         namespace=f"bench-{os.urandom(6).hex()}")
     batches: list[dict[str, Any]] = []
@@ -294,8 +294,8 @@ def produce(settings: Any, batches: list[dict[str, Any]], steps: int) -> int:
     from streams.serde import encode
     from streams.topics import ensure_topics
 
-    ensure_topics(settings)
-    producer = KafkaProducer(**kafka_client_options(settings), linger_ms=20,
+    ensure_topics(settings.kafka, settings.topics)
+    producer = KafkaProducer(**kafka_client_options(settings.kafka), linger_ms=20,
                              max_request_size=8 * 1024 * 1024)
     try:
         for n in range(steps):

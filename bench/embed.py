@@ -39,8 +39,8 @@ BACKENDS = ("torch", "onnx", "onnx-int8")
 
 def throughput(quick: bool) -> dict[str, Any]:
     """Texts/s per backend on short lines and on full windows; ratios to torch."""
+    from agents.config import DedupSettings
     from agents.embed import Embedder
-    from sluice.settings import DedupSettings
 
     lines = source_lines(192 if quick else 1024, seed=1)
     probe = Embedder(DedupSettings(device="cpu"), threads=1)
@@ -84,8 +84,8 @@ def greedy_keep(vectors: np.ndarray, threshold: float) -> np.ndarray:
 
 def index_keep(client: Any, vectors: np.ndarray, batch: int = 32) -> np.ndarray:
     """Stream-order admission through sluice's VectorIndex (default settings)."""
+    from agents.config import DedupSettings
     from agents.index import VectorIndex
-    from sluice.settings import DedupSettings
 
     index = VectorIndex(client, f"bench-{uuid.uuid4().hex}", DedupSettings())
     keep: list[bool] = []
@@ -100,7 +100,7 @@ def index_keep(client: Any, vectors: np.ndarray, batch: int = 32) -> np.ndarray:
 
 def agreement(quick: bool) -> dict[str, Any]:
     """Keep/drop agreement with torch fp32 at the default threshold, and recalibration."""
-    from sluice.settings import DedupSettings
+    from agents.config import DedupSettings
 
     threshold = DedupSettings().threshold
     corpus = dedup_corpus(240 if quick else 600, 40 if quick else 120,

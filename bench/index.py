@@ -77,8 +77,8 @@ def _evalsha(client: Any) -> tuple[int, int]:
 def measure(client: Any, vectors: np.ndarray, queries: np.ndarray, checkpoints: list[int],
             quantization: str, build_ef: int) -> list[dict[str, Any]]:
     """Fill one set through ``VectorIndex.admit``; measure at each checkpoint."""
+    from agents.config import DedupSettings
     from agents.index import VectorIndex
-    from sluice.settings import DedupSettings
 
     settings = DedupSettings(quantization=quantization, build_ef=build_ef)
     index = VectorIndex(client, f"bench-{uuid.uuid4().hex}", settings)

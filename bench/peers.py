@@ -138,7 +138,7 @@ def scores(pred: np.ndarray, gold: np.ndarray) -> dict[str, float]:
 
 def run(quick: bool) -> dict[str, Any]:
     """All methods; writes bench/results/peers[-quick].json."""
-    from sluice.settings import DedupSettings
+    from agents.config import DedupSettings
 
     threshold = DedupSettings().threshold
     corpus = dedup_corpus(240 if quick else 600, 40 if quick else 120,

@@ -57,7 +57,7 @@ def isolated(settings: Any, backend: str, partitions: int = 4) -> Any:
         "dedup": settings.dedup.model_copy(update={
             "namespace": uid, "torch_threads": 1, "backend": backend}),
     })
-    ensure_topics(out)
+    ensure_topics(out.kafka, out.topics)
     return out
 
 
@@ -65,7 +65,7 @@ def produce(settings: Any, events: list[dict[str, Any]]) -> None:
     """Send every event to the raw topic and wait for Kafka's acks."""
     from streams.producer import EventProducer
 
-    with EventProducer(settings) as producer:
+    with EventProducer(settings.kafka, settings.topics) as producer:
         for event in events:
             producer.send(event)  # type: ignore[arg-type]
 
@@ -81,15 +81,15 @@ def in_process(settings: Any, n_events: int) -> dict[str, Any]:
     from streams.connections import kafka_client_options, redis_client
     from streams.serde import decode_raw_event, encode
 
-    client = redis_client(settings)
+    client = redis_client(settings.redis)
     ingest = Ingest(settings, client)
     embedder = Embedder(settings.dedup, threads=1)
     dedup = SemanticDedup(settings, client, embedder=embedder)
     t = settings.topics
-    consumer = KafkaConsumer(t.raw, **kafka_client_options(settings), group_id=None,
+    consumer = KafkaConsumer(t.raw, **kafka_client_options(settings.kafka), group_id=None,
                              auto_offset_reset="earliest", enable_auto_commit=False,
                              max_poll_records=4 * settings.dedup.batch_size)
-    producer = KafkaProducer(**kafka_client_options(settings), acks="all", linger_ms=5,
+    producer = KafkaProducer(**kafka_client_options(settings.kafka), acks="all", linger_ms=5,
                              compression_type="gzip", max_request_size=8 * 2**20)
     seconds: defaultdict[str, float] = defaultdict(float)
     counts: Counter[str] = Counter()
@@ -171,7 +171,7 @@ def worker_env(settings: Any) -> dict[str, str]:
             "SLUICE_STACK__CONTROLLER_PORT": str(settings.stack.controller_port),
             "SLUICE_STACK__REDIS_PORT": str(settings.stack.redis_port),
             "SLUICE_TOPICS__PARTITIONS": str(settings.topics.partitions),
-            "SLUICE_DEDUP__NAMESPACE": settings.dedup.namespace,
+            "SLUICE_DEDUP__NAMESPACE": settings.redis.namespace,
             "SLUICE_DEDUP__TORCH_THREADS": "1", "SLUICE_DEDUP__BACKEND": settings.dedup.backend}
     for role, name in settings.topics.all().items():
         env[f"SLUICE_TOPICS__{role.upper()}"] = name
@@ -184,7 +184,7 @@ def outcomes_written(settings: Any) -> int:
 
     from streams.connections import kafka_client_options
 
-    consumer = KafkaConsumer(**kafka_client_options(settings))
+    consumer = KafkaConsumer(**kafka_client_options(settings.kafka))
     try:
         parts = [TopicPartition(topic, p) for topic in (settings.topics.samples,
                                                         settings.topics.rejected)

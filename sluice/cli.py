@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from sluice.errors import SluiceError
+from schemas.errors import SluiceError
 from sluice.settings import Settings, load_settings
 
 # Everything sluice runs is offline: the embedding model comes from a package.
@@ -136,7 +136,7 @@ def topics(ctx: click.Context) -> None:
     from streams.topics import ensure_topics
 
     settings = settings_of(ctx)
-    created = ensure_topics(settings)
+    created = ensure_topics(settings.kafka, settings.topics)
     for name in settings.topics.all().values():
         click.echo(f"{name:22} {'created' if name in created else 'exists'}")
 
@@ -173,7 +173,7 @@ def tail_cmd(ctx: click.Context, topic: str, count: int | None, from_beginning: 
     if count is None and not from_beginning:
         count = 10
     try:
-        for entry in tail(settings, topic, count, from_beginning, follow):
+        for entry in tail(settings.kafka, settings.topics, topic, count, from_beginning, follow):
             click.echo(json.dumps(entry, ensure_ascii=False))
     except KeyboardInterrupt:
         pass

@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 from aiohttp import web
 
-from sluice.errors import SluiceError
+from schemas.errors import SluiceError
 from sluice.metrics_feed import MetricsFeed
 
 STATIC = Path(__file__).with_name("static")

@@ -63,7 +63,7 @@ def dedup_file(settings: Settings, input_path: Path, out_path: Path, *,
                chunk: int | None = None, console: Console | None = None) -> Counter[str]:
     """Decide every line of ``input_path``; returns counts by outcome."""
     console = console or Console(stderr=True)
-    client = redis_client(settings)
+    client = redis_client(settings.redis)
     ingest = Ingest(settings, client, namespace)
     dedup = None
     if semantic and settings.dedup.enabled:

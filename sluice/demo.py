@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from sluice.errors import SluiceError
+from schemas.errors import SluiceError
 from sluice.settings import Settings
 from streams.connections import kafka_client_options
 from streams.serde import DecodeError, decode
@@ -47,7 +47,7 @@ class OutcomeFollower:
         t = settings.topics
         self.topics = {t.samples: "CuratedSample", t.rejected: "Rejection",
                        t.batches: "CuratedBatch", t.metrics: "MetricSnapshot"}
-        self.consumer = KafkaConsumer(**kafka_client_options(settings), group_id=None,
+        self.consumer = KafkaConsumer(**kafka_client_options(settings.kafka), group_id=None,
                                       enable_auto_commit=False, consumer_timeout_ms=500)
         tps = [TopicPartition(topic, p) for topic in self.topics
                for p in sorted(self.consumer.partitions_for_topic(topic) or [])]

@@ -1,8 +1,6 @@
-"""The root of sluice's own errors; each part subclasses it in one line."""
+"""The shell's own errors (settings, the embedded stack); the root is ``schemas.errors``."""
 
-
-class SluiceError(Exception):
-    """Anything sluice reports to a user as one clear line."""
+from schemas.errors import SluiceError
 
 
 class SettingsError(SluiceError):

@@ -243,7 +243,7 @@ class MetricsFeed:
         if problem:
             self._set(DOWN, problem)
             return None
-        consumer = KafkaConsumer(**kafka_client_options(self.settings), group_id=None,
+        consumer = KafkaConsumer(**kafka_client_options(self.settings.kafka), group_id=None,
                                  enable_auto_commit=False)
         try:
             return self._assign(consumer)
@@ -305,7 +305,7 @@ class MetricsFeed:
         tps = list(consumer.assignment())
         consumer.end_offsets(tps, timeout_ms=3000)  # raises KafkaTimeoutError when down
         if admin is None:
-            admin = KafkaAdminClient(**kafka_client_options(self.settings))
+            admin = KafkaAdminClient(**kafka_client_options(self.settings.kafka))
         topics = set(self.settings.topics.all().values()) - {self.topic}
         try:
             lag: dict[str, int] | None = group_lag(admin, consumer, self.settings.app_id,

@@ -28,7 +28,8 @@ def produce_paths(settings: Settings, paths: list[Path], *, rate: float | None =
                    "{task.fields[rate]:>7,.0f} events/s"),
         TimeElapsedColumn(), console=console, transient=False,
     )
-    with EventProducer(settings, topic=topic, rate=rate) as producer, progress:
+    with EventProducer(settings.kafka, settings.topics, settings.produce, topic=topic,
+                       rate=rate) as producer, progress:
         task = progress.add_task("produce", total=limit, events=0, mb=0.0, rate=0.0)
         stats = producer.stats
         for item in iter_events(paths, settings.produce.max_file_bytes, source_stats, label_field):

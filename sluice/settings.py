@@ -1,18 +1,21 @@
-"""All of sluice's settings, in one place.
+"""The composed settings: every part's section, read once at the entry point.
 
-Read once at the entry point (``load_settings``) from, in rising priority: the defaults
-below, one TOML file (``--config``, ``SLUICE_CONFIG`` or ``./sluice.toml``), and
-``SLUICE_*`` environment variables (nested with ``__``: ``SLUICE_DEDUP__THRESHOLD=0.98``).
-Each part of sluice receives only its own sub-model (``DedupSettings``, ...).
+Read by ``load_settings`` from, in rising priority: the defaults of each section, one TOML
+file (``--config``, ``SLUICE_CONFIG`` or ``./sluice.toml``), and ``SLUICE_*`` environment
+variables (nested with ``__``: ``SLUICE_DEDUP__THRESHOLD=0.98``). Each section lives beside
+the code it configures (``streams.config``, ``agents.config``, ``trainer.config``,
+``sluice.config``); each part receives only its own sections. ``settings_env`` is the one
+conversion back to variables, for the processes sluice starts.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -20,204 +23,33 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from agents.config import BalanceSettings, DedupSettings, FuzzySettings, IngestSettings
+from sluice.config import StackSettings
 from sluice.errors import SettingsError
+from streams.config import (
+    KafkaSettings,
+    MetricsSettings,
+    ProduceSettings,
+    RedisSettings,
+    TopicSettings,
+)
+from trainer.config import TrainerSettings
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class KafkaSettings(_Section):
-    """How clients reach Kafka. Empty ``bootstrap_servers`` means the embedded stack."""
-
-    bootstrap_servers: str = Field("", description="host:port list; empty: the embedded broker")
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    sasl_username: str | None = None
-    sasl_password: str | None = None
-    ssl_cafile: str | None = None
-    ssl_certfile: str | None = None
-    ssl_keyfile: str | None = None
-    client_id: str = "sluice"
-    connect_timeout_ms: int = Field(10_000, ge=100, description="how long a client waits "
-                                    "for the first broker before giving up")
-    session_timeout_s: float = Field(30.0, gt=6, description="consumer group session timeout: "
-                                     "how long a crashed worker's partitions wait")
-
-
-class RedisSettings(_Section):
-    """How clients reach Redis. Empty ``url`` means the embedded server."""
-
-    url: str = Field("", description="redis://host:port/db; empty: the embedded Redis")
-    password: str | None = None
-
-
-class StackSettings(_Section):
-    """The embedded local stack started by ``sluice up``."""
-
-    kafka_port: int = Field(9092, ge=1, le=65535)
-    controller_port: int = Field(9093, ge=1, le=65535)
-    redis_port: int = Field(6379, ge=1, le=65535)
-    kafka_heap: str = "768m"
-    java: str = "java"
-    maven: str = "mvn"
-    start_timeout_s: float = Field(90.0, gt=0)
-    stop_timeout_s: float = Field(20.0, gt=0)
-
-
-class TopicSettings(_Section):
-    """Topic names (DESIGN.md's defaults) and how ``sluice up`` creates them."""
-
-    raw: str = "raw-events"
-    candidates: str = "sluice.candidates"
-    samples: str = "sluice.samples"
-    batches: str = "curated-batches"
-    feedback: str = "training-feedback"
-    rejected: str = "sluice.rejected"
-    metrics: str = "sluice.metrics"
-    partitions: int = Field(4, ge=1)
-    replication_factor: int = Field(1, ge=1)
-    retention_ms: int = Field(7 * 24 * 3600 * 1000, ge=-1)
-    max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024)
-
-    def all(self) -> dict[str, str]:
-        """Every topic, by role."""
-        return {
-            "raw": self.raw,
-            "candidates": self.candidates,
-            "samples": self.samples,
-            "batches": self.batches,
-            "feedback": self.feedback,
-            "rejected": self.rejected,
-            "metrics": self.metrics,
-        }
-
-
-class ProduceSettings(_Section):
-    """``sluice produce``: what is read from disk and how it is sent."""
-
-    max_file_bytes: int = Field(1024 * 1024, ge=1)
-    compression: Literal["gzip", "snappy", "lz4", "zstd", "none"] = "gzip"
-    linger_ms: int = Field(20, ge=0)
-    batch_bytes: int = Field(256 * 1024, ge=1024)
-
-
-class CodeQualitySettings(_Section):
-    """StarCoder/The Stack-style filters for source code."""
-
-    max_line_length: int = Field(1000, ge=1)
-    max_mean_line_length: float = Field(100.0, gt=0)
-    min_alnum_fraction: float = Field(0.25, ge=0, le=1)
-    min_chars: int = Field(20, ge=0)
-    max_chars: int = Field(200_000, ge=1)
-    reject_autogenerated: bool = True
-
-
-class TextQualitySettings(_Section):
-    """Gopher/C4-style filters for natural-language text."""
-
-    min_words: int = Field(20, ge=0)
-    max_words: int = Field(100_000, ge=1)
-    min_mean_word_length: float = Field(3.0, ge=0)
-    max_mean_word_length: float = Field(10.0, gt=0)
-    max_symbol_word_ratio: float = Field(0.1, ge=0)
-    max_duplicate_line_fraction: float = Field(0.3, ge=0, le=1)
-
-
-class IngestSettings(_Section):
-    """Decoding, validation, normalization, quality and exact dedup."""
-
-    max_event_bytes: int = Field(1024 * 1024, ge=1, description="larger raw events: too_large")
-    code: CodeQualitySettings = CodeQualitySettings()
-    text: TextQualitySettings = TextQualitySettings()
-
-
-class FuzzySettings(_Section):
-    """MinHash-LSH near-duplicate detection, shared by all workers through Redis."""
-
-    enabled: bool = True
-    threshold: float = Field(0.8, gt=0, le=1, description="estimated Jaccard of word shingles")
-    num_perm: int = Field(128, ge=16)
-    shingle_words: int = Field(5, ge=1)
-
-
-class DedupSettings(_Section):
-    """Semantic dedup against the Redis 8 vector set."""
-
-    enabled: bool = True
-    model: str = Field("all-MiniLM-L6-v2", description="packaged name, model name or path")
-    backend: Literal["torch", "onnx", "onnx-int8"] = "torch"
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
-    threshold: float = Field(0.97, gt=0, le=1, description="cosine at or above: duplicate")
-    batch_size: int = Field(32, ge=1, description="micro-batch size: events per admission call")
-    batch_within_s: float = Field(1.0, gt=0, description="longest wait to fill a micro-batch")
-    encode_batch_size: int = Field(32, ge=1)
-    torch_threads: int = Field(0, ge=0, description="torch CPU threads; 0: torch's default")
-    chunk_tokens: int = Field(256, ge=16, description="model window for chunked embedding")
-    max_chunks: int = Field(8, ge=1, description="chunks embedded per record at most")
-    namespace: str = "default"
-    neighbours: int = Field(4, ge=1, description="VSIM COUNT per admission")
-    quantization: Literal["int8", "noquant", "bin"] = "int8"
-    build_ef: int = Field(100, ge=1, description="VADD EF: 100 kept recall@1 of 200, 3× faster")
-    links: int = Field(16, ge=2, description="HNSW M")
-    shards: int = Field(1, ge=1, description="coarse-centroid shards; 1: one set per namespace")
-
-
-class BalanceSettings(_Section):
-    """EMA class statistics, sampling policy and batch composition."""
-
-    policy: Literal["natural", "inverse", "power", "effective_number"] = "inverse"
-    alpha: float = Field(0.9, ge=0, lt=1, description="EMA decay per window")
-    window: int = Field(64, ge=1, description="samples per EMA update")
-    epsilon: float = Field(0.1, gt=0, description="inverse policy smoothing, samples/window")
-    tau: float = Field(0.5, ge=0, description="power policy exponent")
-    beta: float = Field(0.999, gt=0, lt=1, description="effective-number policy β")
-    batch_size: int = Field(32, ge=1)
-    buffer_cap: int = Field(2000, ge=1, description="samples kept per class buffer")
-    reuse_cap: int = Field(4, ge=1, description="times one sample may enter batches")
-    difficulty_gamma: float = Field(1.0, ge=0, description="exponent on the loss factor")
-    hard_k: float = Field(2.0, ge=0, description="replay when loss > mean + k·std")
-    loss_alpha: float = Field(0.9, ge=0, lt=1, description="loss EMA decay")
-    replay_fraction: float = Field(0.125, ge=0, le=1, description="most of a batch replayed")
-    seen_ttl_s: int = Field(7 * 24 * 3600, ge=0, description="idempotency memory per id; "
-                            "keep ≥ the samples topic's retention (0: forever)")
-    retain_s: int = Field(600, ge=0, description="a used sample stays replayable this long")
-    seed: int = 0
-
-
-class TrainerSettings(_Section):
-    """The continuously training consumer."""
-
-    model: str = "embedding-classifier"
-    group_id: str = "sluice-trainer"
-    checkpoint_dir: Path | None = Field(None, description="default: <state_dir>/checkpoints")
-    checkpoint_every: int = Field(100, ge=1)
-    keep_checkpoints: int = Field(3, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_steps: int = Field(20, ge=0)
-    schedule: Literal["constant", "cosine"] = "constant"
-    total_steps: int = Field(10_000, ge=1, description="cosine schedule length")
-    label_smoothing: float = Field(0.1, ge=0, lt=1)
-    grad_clip: float = Field(1.0, gt=0)
-    grad_accum: int = Field(1, ge=1)
-    device: str = "auto"
-    compile: bool = False
-    prefetch: int = Field(4, ge=1)
-    eval_every: int = Field(200, ge=1)
-
-
-class MetricsSettings(_Section):
-    """Monitoring: the metrics topic, Prometheus, the dashboard."""
-
-    interval_s: float = Field(5.0, gt=0)
-    worker_web_port: int = Field(6066, ge=1, le=65535)
-    trainer_port: int = Field(9464, ge=0, le=65535)
-    dashboard_port: int = Field(8050, ge=1, le=65535)
+def _section(data: dict[str, Any], name: str) -> dict[str, Any]:
+    value = data.get(name)
+    if isinstance(value, BaseModel):
+        return value.model_dump(exclude_unset=True)
+    return dict(value) if isinstance(value, dict) else {}
 
 
 class Settings(BaseSettings):
-    """Everything, validated; build it with ``load_settings``."""
+    """Everything, validated; build it with ``load_settings``.
+
+    Where Kafka, Redis or the checkpoint folder are left empty, the embedded stack's
+    loopback addresses and ``<state_dir>/checkpoints`` are filled in here, so every part
+    receives a section it can use as it is.
+    """
 
     model_config = SettingsConfigDict(
         env_prefix="SLUICE_",
@@ -227,8 +59,8 @@ class Settings(BaseSettings):
     )
 
     state_dir: Path = Path(".sluice")
-    app_id: str = Field("sluice", description="Faust app id: the workers' consumer group and "
-                        "the prefix of their changelog topics")
+    app_id: str = "sluice"
+    """Faust app id: the workers' consumer group and the prefix of their changelog topics."""
     kafka: KafkaSettings = KafkaSettings()
     redis: RedisSettings = RedisSettings()
     stack: StackSettings = StackSettings()
@@ -241,10 +73,28 @@ class Settings(BaseSettings):
     trainer: TrainerSettings = TrainerSettings()
     metrics: MetricsSettings = MetricsSettings()
 
-    @field_validator("state_dir")
+    @model_validator(mode="before")
     @classmethod
-    def _absolute(cls, value: Path) -> Path:
-        return value.expanduser().absolute()
+    def _fill_embedded(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        state_dir = Path(data.get("state_dir") or ".sluice").expanduser().absolute()
+        data["state_dir"] = state_dir
+        stack = StackSettings(**_section(data, "stack"))
+        kafka = _section(data, "kafka")
+        if not kafka.get("bootstrap_servers"):
+            kafka["bootstrap_servers"] = _embedded_kafka(stack)
+        data["kafka"] = kafka
+        redis = _section(data, "redis")
+        if not redis.get("url"):
+            redis["url"] = _embedded_redis(stack)
+        data["redis"] = redis
+        trainer = _section(data, "trainer")
+        if not trainer.get("checkpoint_dir"):
+            trainer["checkpoint_dir"] = state_dir / "checkpoints"
+        data["trainer"] = trainer
+        return data
 
     @classmethod
     def settings_customise_sources(
@@ -260,24 +110,28 @@ class Settings(BaseSettings):
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
 
     @property
-    def checkpoint_dir(self) -> Path:
-        """Where the trainer keeps its checkpoints."""
-        return self.trainer.checkpoint_dir or self.state_dir / "checkpoints"
-
-    @property
     def bootstrap_servers(self) -> str:
-        """The Kafka bootstrap list in effect (the embedded broker when none is set)."""
-        return self.kafka.bootstrap_servers or f"127.0.0.1:{self.stack.kafka_port}"
+        """The Kafka bootstrap list in effect."""
+        return self.kafka.bootstrap_servers
 
     @property
     def redis_url(self) -> str:
-        """The Redis URL in effect (the embedded server when none is set)."""
-        return self.redis.url or f"redis://127.0.0.1:{self.stack.redis_port}/0"
+        """The Redis URL in effect."""
+        return self.redis.url
 
     @property
     def embedded(self) -> bool:
-        """True when neither Kafka nor Redis is pointed elsewhere."""
-        return not self.kafka.bootstrap_servers and not self.redis.url
+        """True when Kafka and Redis are the embedded stack's (``sluice up``)."""
+        return (self.kafka.bootstrap_servers == _embedded_kafka(self.stack)
+                and self.redis.url == _embedded_redis(self.stack))
+
+
+def _embedded_kafka(stack: StackSettings) -> str:
+    return f"127.0.0.1:{stack.kafka_port}"
+
+
+def _embedded_redis(stack: StackSettings) -> str:
+    return f"redis://127.0.0.1:{stack.redis_port}/0"
 
 
 def _describe(exc: ValidationError) -> str:
@@ -307,3 +161,34 @@ def load_settings(config: Path | str | None = None, **overrides: Any) -> Setting
         return _FromFile(**overrides)
     except ValidationError as exc:
         raise SettingsError(_describe(exc)) from exc
+
+
+def _env_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _diff(value: Any, default: Any, path: tuple[str, ...]) -> Iterator[tuple[str, str]]:
+    if isinstance(value, BaseModel):
+        for name in type(value).model_fields:
+            yield from _diff(getattr(value, name), getattr(default, name, None), (*path, name))
+    elif value != default:
+        if value is None or isinstance(value, list | dict | tuple):
+            raise SettingsError(f"setting {'.'.join(path)}={value!r} cannot be passed to a "
+                                "child process as a variable")
+        yield "SLUICE_" + "__".join(p.upper() for p in path), _env_text(value)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """``SLUICE_*`` variables that make a ``sluice`` process load exactly ``settings``:
+    every setting that differs from its declared default (nested with ``__``), plus the
+    state folder and the stack's ports. The demo, the tests and the benchmarks start their
+    workers and trainers with it."""
+    defaults = Settings.model_construct()  # the declared defaults: no environment, no TOML
+    env = dict(_diff(settings, defaults, ()))
+    env["SLUICE_STATE_DIR"] = str(settings.state_dir)
+    env["SLUICE_STACK__KAFKA_PORT"] = str(settings.stack.kafka_port)
+    env["SLUICE_STACK__CONTROLLER_PORT"] = str(settings.stack.controller_port)
+    env["SLUICE_STACK__REDIS_PORT"] = str(settings.stack.redis_port)
+    return env

@@ -377,7 +377,7 @@ class Stack:
             raise
         from streams.topics import ensure_topics
 
-        ensure_topics(self.settings)
+        ensure_topics(self.settings.kafka, self.settings.topics)
         (self.settings.state_dir / "ports.json").write_text(json.dumps({
             "kafka": self.settings.stack.kafka_port,
             "controller": self.settings.stack.controller_port,

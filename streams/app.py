@@ -7,15 +7,15 @@ become a rejection, not a codec error.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import faust
 from faust.serializers import codecs
 
-from sluice.settings import Settings
 from streams import serde
-from streams.topics import RECORD_OF_ROLE
+from streams.config import TOPIC_RECORDS, KafkaSettings, TopicSettings
 
 
 class AvroCodec(codecs.Codec):
@@ -37,13 +37,13 @@ def codec_name(record: str) -> str:
     return f"sluice-{record}"
 
 
-for _record in set(RECORD_OF_ROLE.values()):
+for _record in set(TOPIC_RECORDS.values()):
     codecs.register(codec_name(_record), AvroCodec(_record))
 
 
 @dataclass
 class Topics:
-    """Faust topic objects, by role."""
+    """Faust topic objects, by role (the roles of ``TOPIC_RECORDS``, checked below)."""
 
     raw: faust.TopicT
     candidates: faust.TopicT
@@ -54,57 +54,54 @@ class Topics:
     metrics: faust.TopicT
 
 
-def create_app(settings: Settings, app_id: str = "sluice") -> tuple[faust.App, Topics]:
+assert [f.name for f in fields(Topics)] == list(TOPIC_RECORDS), "Topics must list every role"
+
+
+def create_app(kafka: KafkaSettings, topics: TopicSettings, *, app_id: str, datadir: Path,
+               web_port: int, buffer_maxsize: int = 256) -> tuple[faust.App, Topics]:
     """The Faust app on the configured Kafka, and its topics."""
-    scheme = "kafka+ssl" if settings.kafka.security_protocol.endswith("SSL") else "kafka"
-    brokers = [f"{scheme}://{host}" for host in settings.bootstrap_servers.split(",")]
+    scheme = "kafka+ssl" if kafka.security_protocol.endswith("SSL") else "kafka"
+    brokers = [f"{scheme}://{host}" for host in kafka.bootstrap_servers.split(",")]
     app = faust.App(
         app_id,
         broker=brokers,
-        broker_credentials=_credentials(settings),
+        broker_credentials=_credentials(kafka),
         store="memory://",  # tables are rebuilt from their Kafka changelog on start
         web_enabled=True,
         web_bind="127.0.0.1",  # loopback only; put a proxy in front to expose it
         web_host="127.0.0.1",
-        web_port=settings.metrics.worker_web_port,
-        topic_partitions=settings.topics.partitions,
-        topic_replication_factor=settings.topics.replication_factor,
-        producer_max_request_size=settings.topics.max_message_bytes,
-        consumer_max_fetch_size=settings.topics.max_message_bytes,
+        web_port=web_port,
+        topic_partitions=topics.partitions,
+        topic_replication_factor=topics.replication_factor,
+        producer_max_request_size=topics.max_message_bytes,
+        consumer_max_fetch_size=topics.max_message_bytes,
         producer_acks=-1,
         producer_compression_type="gzip",
-        stream_buffer_maxsize=max(256, 4 * settings.dedup.batch_size),
+        stream_buffer_maxsize=max(256, buffer_maxsize),
         broker_commit_every=200,
         broker_commit_interval=2.0,
         # Embedding a micro-batch of long code can take seconds: keep the group membership.
-        broker_session_timeout=settings.kafka.session_timeout_s,
+        broker_session_timeout=kafka.session_timeout_s,
         broker_heartbeat_interval=3.0,
         broker_max_poll_interval=600.0,
         consumer_auto_offset_reset="earliest",
-        datadir=str(settings.state_dir / "faust"),
+        datadir=str(datadir),
     )
-    (settings.state_dir / "faust").mkdir(parents=True, exist_ok=True)
-    t = settings.topics
+    datadir.mkdir(parents=True, exist_ok=True)
 
-    def topic(name: str, record: str | None) -> faust.TopicT:
+    def topic(name: str, record: str) -> faust.TopicT:
+        # raw-events is read as bytes: a bad raw event must become a rejection, not a
+        # codec error.
+        serializer = "raw" if record == "RawEvent" else codec_name(record)
         return app.topic(name, key_type=bytes, key_serializer="raw", value_type=None,
-                         value_serializer=codec_name(record) if record else "raw",
-                         partitions=t.partitions)
+                         value_serializer=serializer, partitions=topics.partitions)
 
-    topics = Topics(
-        raw=topic(t.raw, None),
-        candidates=topic(t.candidates, "Candidate"),
-        samples=topic(t.samples, "CuratedSample"),
-        batches=topic(t.batches, "CuratedBatch"),
-        feedback=topic(t.feedback, "Feedback"),
-        rejected=topic(t.rejected, "Rejection"),
-        metrics=topic(t.metrics, "MetricSnapshot"),
-    )
-    return app, topics
+    names = topics.all()
+    return app, Topics(**{role: topic(names[role], record)
+                          for role, record in TOPIC_RECORDS.items()})
 
 
-def _credentials(settings: Settings) -> Any:
-    k = settings.kafka
+def _credentials(k: KafkaSettings) -> Any:
     if k.sasl_mechanism:
         return faust.SASLCredentials(username=k.sasl_username or "",
                                      password=k.sasl_password or "",

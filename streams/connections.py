@@ -6,14 +6,13 @@ from typing import Any
 
 import redis
 
-from sluice.settings import Settings
+from streams.config import KafkaSettings, RedisSettings
 
 
-def kafka_client_options(settings: Settings) -> dict[str, Any]:
+def kafka_client_options(k: KafkaSettings) -> dict[str, Any]:
     """kafka-python keyword arguments shared by producers, consumers and admin clients."""
-    k = settings.kafka
     options: dict[str, Any] = {
-        "bootstrap_servers": settings.bootstrap_servers.split(","),
+        "bootstrap_servers": k.bootstrap_servers.split(","),
         "security_protocol": k.security_protocol,
         "client_id": k.client_id,
         "bootstrap_timeout_ms": k.connect_timeout_ms,
@@ -30,11 +29,11 @@ def kafka_client_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
-def redis_client(settings: Settings, **kwargs: Any) -> redis.Redis:
+def redis_client(settings: RedisSettings, **kwargs: Any) -> redis.Redis:
     """A Redis client for the configured (or embedded) server; bytes in, bytes out."""
     return redis.Redis.from_url(
-        settings.redis_url,
-        password=settings.redis.password,
+        settings.url,
+        password=settings.password,
         health_check_interval=10,
         socket_keepalive=True,
         **kwargs,

@@ -2,7 +2,7 @@
 
 ``EventProducer`` is the Python API behind ``sluice produce``; other programs can use it:
 
-    with EventProducer(settings) as producer:
+    with EventProducer(settings.kafka, settings.topics) as producer:
         for event in events:
             producer.send(event)
 """
@@ -17,9 +17,9 @@ from typing import Any
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
+from schemas.errors import SluiceError
 from schemas.records import RawEvent
-from sluice.errors import SluiceError
-from sluice.settings import Settings
+from streams.config import KafkaSettings, ProduceSettings, TopicSettings
 from streams.connections import kafka_client_options
 from streams.serde import encode
 
@@ -61,25 +61,26 @@ class RateLimiter:
 class EventProducer:
     """A kafka-python producer of single-object Avro RawEvents, keyed by event id."""
 
-    def __init__(self, settings: Settings, topic: str | None = None,
+    def __init__(self, kafka: KafkaSettings, topics: TopicSettings,
+                 produce: ProduceSettings | None = None, *, topic: str | None = None,
                  rate: float | None = None) -> None:
-        p = settings.produce
-        self.topic = topic or settings.topics.raw
+        p = produce or ProduceSettings()
+        self.topic = topic or topics.raw
         self.stats = ProduceStats()
         self.limiter = RateLimiter(rate)
         self._errors: list[BaseException] = []
         try:
             self._producer = KafkaProducer(
-                **kafka_client_options(settings),
+                **kafka_client_options(kafka),
                 acks="all",
                 enable_idempotence=True,  # retries never duplicate or reorder
                 compression_type=None if p.compression == "none" else p.compression,
                 linger_ms=p.linger_ms,
                 batch_size=p.batch_bytes,
-                max_request_size=settings.topics.max_message_bytes,
+                max_request_size=topics.max_message_bytes,
             )
         except KafkaError as exc:
-            raise ProduceError(f"cannot reach Kafka at {settings.bootstrap_servers}: {exc}; "
+            raise ProduceError(f"cannot reach Kafka at {kafka.bootstrap_servers}: {exc}; "
                                "is the stack up (`sluice up`)?") from exc
 
     def send(self, event: RawEvent) -> int:

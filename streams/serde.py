@@ -19,8 +19,8 @@ import avro.errors
 import avro.io
 
 import schemas
+from schemas.errors import SluiceError
 from schemas.records import RawEvent
-from sluice.errors import SluiceError
 
 MAGIC = b"\xc3\x01"
 HEADER_LEN = 10

@@ -8,8 +8,8 @@ from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
 
-from sluice.errors import SluiceError
-from sluice.settings import Settings
+from schemas.errors import SluiceError
+from streams.config import KafkaSettings, TopicSettings
 from streams.connections import kafka_client_options
 from streams.serde import DecodeError, decode, decode_raw_event
 from streams.topics import record_type
@@ -32,9 +32,9 @@ def printable(record: Any) -> Any:
     return record
 
 
-def decode_message(settings: Settings, topic: str, value: bytes) -> dict[str, Any]:
+def decode_message(topics: TopicSettings, topic: str, value: bytes) -> dict[str, Any]:
     """Decode one message of a sluice topic; undecodable ones become an ``_error`` dict."""
-    name = record_type(settings, topic)
+    name = record_type(topics, topic)
     try:
         if name == "RawEvent":
             return dict(decode_raw_event(value, max_bytes=len(value) + 1))
@@ -43,20 +43,21 @@ def decode_message(settings: Settings, topic: str, value: bytes) -> dict[str, An
         return {"_error": exc.reason, "_detail": exc.detail}
 
 
-def tail(settings: Settings, topic: str, count: int | None, from_beginning: bool,
-         follow: bool, idle_timeout_s: float = 2.0) -> Iterator[dict[str, Any]]:
+def tail(kafka: KafkaSettings, topics: TopicSettings, topic: str, count: int | None,
+         from_beginning: bool, follow: bool, idle_timeout_s: float = 2.0
+         ) -> Iterator[dict[str, Any]]:
     """Messages of ``topic`` with their coordinates.
 
     Without ``from_beginning``: the last ``count`` messages (all partitions, by timestamp);
     with it: from the start, ``count`` at most. ``follow`` keeps waiting for new ones.
     """
-    record_type(settings, topic)  # fail early on a foreign topic
-    consumer = KafkaConsumer(**kafka_client_options(settings), enable_auto_commit=False,
+    record_type(topics, topic)  # fail early on a foreign topic
+    consumer = KafkaConsumer(**kafka_client_options(kafka), enable_auto_commit=False,
                              group_id=None, consumer_timeout_ms=int(idle_timeout_s * 1000))
     try:
         partitions = consumer.partitions_for_topic(topic)
         if not partitions:
-            raise SluiceError(f"topic {topic} does not exist on {settings.bootstrap_servers}")
+            raise SluiceError(f"topic {topic} does not exist on {kafka.bootstrap_servers}")
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
         begin, end = consumer.beginning_offsets(tps), consumer.end_offsets(tps)
@@ -72,7 +73,7 @@ def tail(settings: Settings, topic: str, count: int | None, from_beginning: bool
         while remaining:
             before = len(backlog)
             for message in consumer:
-                backlog.append(_entry(settings, message))
+                backlog.append(_entry(topics, message))
                 tp = TopicPartition(message.topic, message.partition)
                 if message.offset + 1 >= remaining.get(tp, 0):
                     remaining.pop(tp, None)
@@ -91,7 +92,7 @@ def tail(settings: Settings, topic: str, count: int | None, from_beginning: bool
         emitted = len(shown)
         while follow:
             for message in consumer:
-                yield _entry(settings, message)
+                yield _entry(topics, message)
                 emitted += 1
                 if from_beginning and count is not None and emitted >= count:
                     return
@@ -99,8 +100,8 @@ def tail(settings: Settings, topic: str, count: int | None, from_beginning: bool
         consumer.close()
 
 
-def _entry(settings: Settings, message: Any) -> dict[str, Any]:
-    entry = printable(decode_message(settings, message.topic, message.value))
+def _entry(topics: TopicSettings, message: Any) -> dict[str, Any]:
+    entry = printable(decode_message(topics, message.topic, message.value))
     entry["_partition"] = message.partition
     entry["_offset"] = message.offset
     entry["_timestamp"] = message.timestamp

@@ -7,34 +7,22 @@ import contextlib
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
-from sluice.errors import SluiceError
-from sluice.settings import Settings
+from schemas.errors import SluiceError
+from streams.config import TOPIC_RECORDS, KafkaSettings, TopicSettings
 from streams.connections import kafka_client_options
 
-# The record type each topic carries, by its role in TopicSettings.
-RECORD_OF_ROLE = {
-    "raw": "RawEvent",
-    "candidates": "Candidate",
-    "samples": "CuratedSample",
-    "batches": "CuratedBatch",
-    "feedback": "Feedback",
-    "rejected": "Rejection",
-    "metrics": "MetricSnapshot",
-}
 
-
-def record_type(settings: Settings, topic: str) -> str:
+def record_type(topics: TopicSettings, topic: str) -> str:
     """The record type a sluice topic carries; ``SluiceError`` for a foreign topic."""
-    for role, name in settings.topics.all().items():
+    for role, name in topics.all().items():
         if name == topic:
-            return RECORD_OF_ROLE[role]
-    known = ", ".join(settings.topics.all().values())
+            return TOPIC_RECORDS[role]
+    known = ", ".join(topics.all().values())
     raise SluiceError(f"{topic!r} is not a sluice topic (known: {known})")
 
 
-def topic_specs(settings: Settings) -> list[NewTopic]:
+def topic_specs(t: TopicSettings) -> list[NewTopic]:
     """What ``ensure_topics`` creates."""
-    t = settings.topics
     specs = []
     for role, name in t.all().items():
         configs = {"retention.ms": str(t.retention_ms),
@@ -45,12 +33,12 @@ def topic_specs(settings: Settings) -> list[NewTopic]:
     return specs
 
 
-def ensure_topics(settings: Settings) -> list[str]:
+def ensure_topics(kafka: KafkaSettings, topics: TopicSettings) -> list[str]:
     """Create the missing sluice topics; returns the names created."""
-    admin = KafkaAdminClient(**kafka_client_options(settings), request_timeout_ms=15000)
+    admin = KafkaAdminClient(**kafka_client_options(kafka), request_timeout_ms=15000)
     try:
         existing = set(admin.list_topics())
-        missing = [s for s in topic_specs(settings) if s.name not in existing]
+        missing = [s for s in topic_specs(topics) if s.name not in existing]
         if missing:
             # Another process may create them meanwhile: that is fine.
             with contextlib.suppress(TopicAlreadyExistsError):
@@ -58,7 +46,7 @@ def ensure_topics(settings: Settings) -> list[str]:
             admin.wait_for_topics([s.name for s in missing], timeout_ms=15000)
         return [s.name for s in missing]
     except KafkaError as exc:
-        where = settings.bootstrap_servers
+        where = kafka.bootstrap_servers
         raise SluiceError(f"could not create topics on {where}: {exc}") from exc
     finally:
         admin.close()

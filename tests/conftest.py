@@ -49,7 +49,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
 @pytest.fixture
 def client(stack: Settings) -> Iterator[redis.Redis]:
     """A Redis client (bytes responses) on the session stack's Redis."""
-    conn = redis_client(stack)
+    conn = redis_client(stack.redis)
     try:
         yield conn
     finally:

@@ -10,7 +10,7 @@ from types import FrameType
 
 import click
 
-from sluice.errors import SluiceError
+from schemas.errors import SluiceError
 from sluice.settings import Settings, load_settings
 from trainer.loop import RunOptions
 from trainer.loop import train as run_training

@@ -1,6 +1,6 @@
 """The trainer's errors: one root under ``SluiceError``, one line each."""
 
-from sluice.errors import SluiceError
+from schemas.errors import SluiceError
 
 
 class TrainerError(SluiceError):

@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from kafka import KafkaProducer
 
 from schemas.records import BatchSample, Feedback, SampleLoss
-from sluice.settings import Settings, TrainerSettings
 from streams.connections import kafka_client_options
 from streams.serde import encode
 from trainer import distributed
 from trainer.checkpoint import CheckpointStore, Lineage, Loaded
+from trainer.config import TrainerConfig, TrainerSettings
 from trainer.errors import CheckpointError, TrainerError
 from trainer.evaluate import EvalSet, evaluate, is_heldout, load_eval_jsonl
 from trainer.metrics import TrainerMetrics
@@ -153,7 +153,7 @@ def per_sample(
 
 
 def train(
-    settings: Settings, options: RunOptions, stop: threading.Event | None = None
+    settings: TrainerConfig, options: RunOptions, stop: threading.Event | None = None
 ) -> TrainResult:
     """Run the trainer until ``max_steps``, ``stop``, or an idle stream; see the module doc."""
     device = pick_device(options.device or settings.trainer.device)
@@ -164,7 +164,7 @@ def train(
 
 
 def _train(
-    settings: Settings, options: RunOptions, stop: threading.Event, world: distributed.World,
+    settings: TrainerConfig, options: RunOptions, stop: threading.Event, world: distributed.World,
     device: torch.device, cleanup: ExitStack,
 ) -> TrainResult:
     """``train``'s body, top to bottom; what it opens is registered on ``cleanup``."""
@@ -195,7 +195,7 @@ def _train(
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     # -- resume ---------------------------------------------------------------------------
-    store = CheckpointStore(options.checkpoint_dir or settings.checkpoint_dir,
+    store = CheckpointStore(options.checkpoint_dir or cfg.checkpoint_dir or Path('checkpoints'),
                             cfg.keep_checkpoints)
     ckpt = store.load_latest(map_location=device)
     plugin, spec = _build_model(ckpt, options, cfg.model)
@@ -234,7 +234,7 @@ def _train(
     trained_state = prefetch.state_dict()
 
     # -- reporting -------------------------------------------------------------------------
-    producer = KafkaProducer(**kafka_client_options(settings), linger_ms=20)
+    producer = KafkaProducer(**kafka_client_options(settings.kafka), linger_ms=20)
     cleanup.callback(_close_producer, producer)
     metrics = TrainerMetrics(
         {"model": plugin.name, "device": str(device), "rank": str(world.rank)}

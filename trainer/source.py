@@ -24,9 +24,9 @@ from kafka.structs import OffsetAndMetadata
 from torch.utils.data import IterableDataset, get_worker_info
 
 from schemas.records import CuratedBatch
-from sluice.settings import Settings
 from streams.connections import kafka_client_options
 from streams.serde import DecodeError, decode
+from trainer.config import TrainerConfig
 from trainer.errors import TrainerError
 
 log = logging.getLogger("sluice.trainer.source")
@@ -85,7 +85,7 @@ class KafkaBatchSource(IterableDataset[SourcedBatch]):
 
     def __init__(
         self,
-        settings: Settings,
+        settings: TrainerConfig,
         *,
         topic: str | None = None,
         rank: int = 0,
@@ -187,7 +187,7 @@ class KafkaBatchSource(IterableDataset[SourcedBatch]):
 
     def _consumer(self) -> KafkaConsumer:
         return KafkaConsumer(
-            **kafka_client_options(self.settings),
+            **kafka_client_options(self.settings.kafka),
             group_id=self.group_id,
             enable_auto_commit=False,
             # Only when a stored offset has left the log (retention): start at what is left.

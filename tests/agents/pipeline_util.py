@@ -38,10 +38,11 @@ from pydantic import BaseModel
 from schemas.records import RawEvent
 from sluice.settings import Settings
 from sluice.stack import free_port
+from streams.config import TOPIC_RECORDS
 from streams.connections import kafka_client_options
 from streams.producer import EventProducer
 from streams.serde import decode
-from streams.topics import RECORD_OF_ROLE, ensure_topics
+from streams.topics import ensure_topics
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -218,7 +219,7 @@ def isolated(settings: Settings, *, partitions: int = 2, create: bool = True,
         update[name] = getattr(settings, name).model_copy(update=dict(values))
     result = settings.model_copy(update=update)
     if create:
-        ensure_topics(result)
+        ensure_topics(result.kafka, result.topics)
     return result
 
 
@@ -335,7 +336,7 @@ def group_state(settings: Settings) -> tuple[str, int]:
     """The state of the workers' consumer group (``settings.app_id``) and its member count."""
     # kafka-python warns that it cannot decode Faust's own assignor metadata: harmless.
     logging.getLogger("kafka.admin").setLevel(logging.ERROR)
-    admin = KafkaAdminClient(**kafka_client_options(settings), request_timeout_ms=10000)
+    admin = KafkaAdminClient(**kafka_client_options(settings.kafka), request_timeout_ms=10000)
     try:
         info = admin.describe_groups([settings.app_id])[settings.app_id]
     except KafkaError:
@@ -366,7 +367,7 @@ def wait_for_group(settings: Settings, members: int, started: Iterable[WorkerPro
 def produce(settings: Settings, events: Iterable[RawEvent]) -> list[str]:
     """Send the events to raw-events and wait until Kafka has them; returns their ids."""
     ids = []
-    with EventProducer(settings) as producer:
+    with EventProducer(settings.kafka, settings.topics) as producer:
         for event in events:
             producer.send(event)
             ids.append(event["id"])
@@ -418,7 +419,7 @@ class OutcomeReader:
     seen: list[Seen] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._consumer = KafkaConsumer(**kafka_client_options(self.settings), group_id=None,
+        self._consumer = KafkaConsumer(**kafka_client_options(self.settings.kafka), group_id=None,
                                        enable_auto_commit=False)
         topics = self.settings.topics.all()
         self._role_of = {topics[role]: role for role in self.roles}
@@ -435,7 +436,7 @@ class OutcomeReader:
         for records in self._consumer.poll(timeout_ms=timeout_ms).values():
             for message in records:
                 role = self._role_of[message.topic]
-                record = decode(message.value, RECORD_OF_ROLE[role])
+                record = decode(message.value, TOPIC_RECORDS[role])
                 new.append(Seen(role, record, message.partition, message.offset))
         self.seen.extend(new)
         return new

@@ -152,7 +152,7 @@ def test_concurrent_draws_are_atomic(make: Any, stack: Settings) -> None:
     results: list[list[tuple[str, int]]] = [[], []]
 
     def worker(k: int) -> None:
-        conn = redis_client(stack)
+        conn = redis_client(stack.redis)
         other = ClassBuffers(conn, buf.namespace, 0, 1000, reuse, retain_s=0)
         while got := other.draw({"a": 7}):
             results[k] += [(s["id"], s["uses"]) for s in got]
@@ -198,7 +198,7 @@ def test_bad_input_and_bad_client(make: Any, stack: Settings) -> None:
     buf = make()
     with pytest.raises(BufferStoreError):
         buf.add({"id": "x", "label": "a"})
-    text = redis_client(stack, decode_responses=True)
+    text = redis_client(stack.redis, decode_responses=True)
     with pytest.raises(BufferStoreError):
         ClassBuffers(text, "ns", 0, 10, 1)
     text.close()

@@ -15,14 +15,15 @@ import numpy as np
 import pytest
 import redis
 
+from agents.config import DedupSettings
 from agents.dedup import SemanticDedup
 from agents.embed import Embedder, from_f16_bytes
-from agents.index import vset_key
+from agents.keys import vset_key
 from agents.minhash import MinHasher, jaccard
 from agents.normalize import content_digest, normalize
 from agents.outcome import Coords, Outcome
 from schemas.records import Candidate
-from sluice.settings import DedupSettings, Settings
+from sluice.settings import Settings
 from streams.connections import redis_client
 from streams.serde import encode
 from tests.agents.pipeline_util import corpus, plant, unique_id
@@ -44,7 +45,7 @@ def make_step(stack: Settings, embedder: Embedder) -> Iterator[Callable[..., Sem
     clients: list[redis.Redis] = []
 
     def make() -> SemanticDedup:
-        clients.append(redis_client(stack))
+        clients.append(redis_client(stack.redis))
         return SemanticDedup(stack, clients[-1], embedder=embedder, namespace=namespace)
 
     yield make

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from agents.config import DedupSettings
 from agents.embed import (
     PACKAGED_MODELS,
     Embedder,
@@ -16,7 +17,6 @@ from agents.embed import (
     resolve_model,
     to_f16_bytes,
 )
-from sluice.settings import DedupSettings
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 

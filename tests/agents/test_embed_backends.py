@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from agents.config import DedupSettings
 from agents.embed import Embedder
 from agents.embed_onnx import OnnxBackendError, cache_folder
-from sluice.settings import DedupSettings
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 

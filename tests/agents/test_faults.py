@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from agents.buffers import ClassBuffers
-from agents.index import vset_key
+from agents.keys import vset_key
 from sluice.settings import Settings
 from sluice.stack import Stack, free_port
 from streams.connections import redis_client
@@ -56,7 +56,7 @@ def buffered_ids(client: redis.Redis, settings: Settings) -> set[str]:
     """Every id the balance stage has taken into its Redis buffers, over all partitions."""
     out: set[str] = set()
     for partition in range(settings.topics.partitions):
-        buffers = ClassBuffers(client, settings.dedup.namespace, partition, 1, 1)
+        buffers = ClassBuffers(client, settings.redis.namespace, partition, 1, 1)
         out |= {k.decode() if isinstance(k, bytes) else k
                 for k in client.hkeys(buffers.prefix + ":seen")}
     return out
@@ -96,7 +96,7 @@ def test_a_worker_killed_mid_stream_loses_nothing_and_changes_nothing(
             assert not missing(ids, got), f"lost: {missing(ids, got)}\n{restarted.log_tail()}"
             decided = one_decision(got)
             samples = sorted(i for i, d in decided.items() if d[0] == "kept")
-            client = redis_client(settings)
+            client = redis_client(settings.redis)
             try:
                 # The balance stage catches up after the samples are out.
                 deadline = time.monotonic() + WAIT_S
@@ -105,8 +105,8 @@ def test_a_worker_killed_mid_stream_loses_nothing_and_changes_nothing(
                     time.sleep(1.0)
                 buffered = buffered_ids(client, settings)
                 reader.poll()
-                vcard = int(client.execute_command("VCARD", vset_key(settings.dedup.namespace)))
-                in_vset = admitted_in_vset(client, settings.dedup.namespace, samples)
+                vcard = int(client.execute_command("VCARD", vset_key(settings.redis.namespace)))
+                in_vset = admitted_in_vset(client, settings.redis.namespace, samples)
             finally:
                 client.close()
         finally:
@@ -211,7 +211,7 @@ def test_bad_input_never_stops_a_worker(stack: Settings, tmp_path: Path) -> None
     with workers(settings, "ingest,dedup", tmp_path) as [worker], \
             OutcomeReader(settings) as reader:
         wait_for_group(settings, 1, [worker])
-        with EventProducer(settings) as producer:
+        with EventProducer(settings.kafka, settings.topics) as producer:
             for n, event in enumerate(goods):
                 producer.send(event)
                 if n < len(bad):

@@ -14,9 +14,10 @@ import pytest
 import redis
 from datasketch import MinHash
 
+from agents.config import FuzzySettings
 from agents.fuzzy import FuzzyDecision, FuzzyError, FuzzyIndex, _Stored
 from agents.minhash import MinHasher, jaccard, word_bytes
-from sluice.settings import FuzzySettings, Settings
+from sluice.settings import Settings
 from streams.connections import redis_client
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -150,7 +151,7 @@ def test_distinct_files_are_far_apart() -> None:
 
 @pytest.fixture
 def client(stack: Settings) -> redis.Redis:
-    return redis_client(stack)
+    return redis_client(stack.redis)
 
 
 @pytest.fixture
@@ -265,7 +266,7 @@ def test_namespace_refuses_incompatible_signatures(client: redis.Redis, namespac
 @pytest.mark.integration
 def test_decoding_client_is_refused(stack: Settings, namespace: str) -> None:
     with pytest.raises(FuzzyError, match="decode_responses"):
-        FuzzyIndex(redis_client(stack, decode_responses=True), namespace, SETTINGS)
+        FuzzyIndex(redis_client(stack.redis, decode_responses=True), namespace, SETTINGS)
 
 
 class _Interleaved(FuzzyIndex):
@@ -302,7 +303,7 @@ def test_concurrent_workers_never_admit_both_copies(stack: Settings, namespace: 
     files = distinct_files(24)
     originals = [(f"orig-{n}", t) for n, t in files]
     copies = [(f"copy-{n}", near_copy(t)) for n, t in files]
-    workers = [FuzzyIndex(redis_client(stack), namespace, SETTINGS) for _ in range(2)]
+    workers = [FuzzyIndex(redis_client(stack.redis), namespace, SETTINGS) for _ in range(2)]
     start = threading.Barrier(2)
     results: dict[int, list[FuzzyDecision]] = {0: [], 1: []}
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import redis
 
+from agents.config import DedupSettings
 from agents.embed import Embedder
 from agents.index import (
     Admission,
@@ -23,9 +24,9 @@ from agents.index import (
     VectorIndexError,
     cosine_to_score,
     score_to_cosine,
-    vset_key,
 )
-from sluice.settings import DedupSettings, Settings
+from agents.keys import vset_key
+from sluice.settings import Settings
 from streams.connections import redis_client
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -82,7 +83,7 @@ def corpus() -> Corpus:
 
 @pytest.fixture()
 def client(stack: Settings) -> Any:
-    conn = redis_client(stack)
+    conn = redis_client(stack.redis)
     yield conn
     conn.close()
 
@@ -190,11 +191,6 @@ def test_bad_input_fails_before_any_write(index: VectorIndex, corpus: Corpus) ->
         index.admit(["b"], np.full((1, 384), np.nan, dtype=np.float32))
     assert index.size() == 1
     assert index.admit([], np.zeros((0, 384), dtype=np.float32)) == []
-
-
-def test_sharding_is_refused_until_implemented() -> None:
-    with pytest.raises(VectorIndexError, match="shards"):
-        VectorIndex(redis.Redis(), "x", DedupSettings(shards=4))
 
 
 def _admit_in_child(

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from agents.index import vset_key
+from agents.keys import vset_key
 from schemas.records import RawEvent
 from sluice.settings import Settings, load_settings
 from streams.connections import redis_client
@@ -181,9 +181,9 @@ def test_a_copy_beside_its_original_loses_to_it_or_wins_alone(curated: Curated) 
 
 def test_the_vector_set_holds_exactly_the_samples(curated: Curated) -> None:
     samples = [i for i, seen in curated.outcomes.items() if not seen[0].rejected]
-    client = redis_client(curated.settings)
+    client = redis_client(curated.settings.redis)
     try:
-        key = vset_key(curated.settings.dedup.namespace)
+        key = vset_key(curated.settings.redis.namespace)
         assert int(client.execute_command("VCARD", key)) == len(samples)
         pipe = client.pipeline(transaction=False)
         for event_id in samples:
@@ -206,7 +206,7 @@ def test_replaying_the_topic_changes_no_outcome(curated: Curated, tmp_path: Path
         "topics": s.topics.model_copy(update={
             role: f"{role}-replay{uid}" for role in s.topics.all() if role != "raw"}),
     })
-    ensure_topics(replay)
+    ensure_topics(replay.kafka, replay.topics)
     ids = [e["id"] for e in curated.events]
     with workers(replay, "ingest,dedup", tmp_path) as started, OutcomeReader(replay) as reader:
         got = reader.wait_for(ids, WAIT_S, alive=lambda: started[0].alive)
@@ -217,10 +217,10 @@ def test_replaying_the_topic_changes_no_outcome(curated: Curated, tmp_path: Path
             lambda r: all(len(r.by_id().get(i, [])) >= 2 for i in ids), WAIT_S)
         assert twice, f"replayed events without an outcome\n{started[0].log_tail()}"
         assert one_decision(reader.by_id()) == first
-    client = redis_client(s)
+    client = redis_client(s.redis)
     try:
         kept = sum(1 for d in first.values() if d[0] == "kept")
-        assert int(client.execute_command("VCARD", vset_key(s.dedup.namespace))) == kept
+        assert int(client.execute_command("VCARD", vset_key(s.redis.namespace))) == kept
     finally:
         client.close()
 
@@ -256,9 +256,9 @@ def test_two_workers_racing_on_near_copies_admit_exactly_one_of_each_group(
         assert len(admitted) == 1, f"group {sorted(members)} admitted {admitted}"
         for i in members - set(admitted):
             assert decided[i][2] in members, (i, decided[i])
-    client = redis_client(settings)
+    client = redis_client(settings.redis)
     try:
-        assert int(client.execute_command("VCARD", vset_key(settings.dedup.namespace))) == len(
+        assert int(client.execute_command("VCARD", vset_key(settings.redis.namespace))) == len(
             groups)
     finally:
         client.close()

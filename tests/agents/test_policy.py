@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from agents.config import BalanceSettings
 from agents.policy import (
     POLICIES,
     PolicyError,
@@ -14,7 +15,6 @@ from agents.policy import (
     target_shares,
     targets_for,
 )
-from sluice.settings import BalanceSettings
 
 EMA = {"a": 51.2, "b": 9.6, "c": 3.2}  # 80/15/5 of a 64-sample window
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from agents.config import CodeQualitySettings, IngestSettings, TextQualitySettings
 from agents.normalize import normalize
 from agents.quality import (
     CODE_RULES,
@@ -17,7 +18,6 @@ from agents.quality import (
     QualityFilter,
     Verdict,
 )
-from sluice.settings import CodeQualitySettings, IngestSettings, TextQualitySettings
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 CODE = CodeQualitySettings()

@@ -68,7 +68,7 @@ EXPECTED: dict[str, Any] = {
 def publish(settings: Settings, topic: str, snapshots: Iterable[MetricSnapshot],
             raw: Iterable[bytes] = ()) -> None:
     """Send snapshots (keyed by component, stamped with their own time) and raw values."""
-    producer = KafkaProducer(**kafka_client_options(settings))
+    producer = KafkaProducer(**kafka_client_options(settings.kafka))
     try:
         for s in snapshots:
             producer.send(topic, key=s["component"].encode(), value=encode("MetricSnapshot", s),

@@ -190,7 +190,7 @@ def _sample(i: int) -> dict[str, Any]:
 
 
 def _send(settings: Settings, topic: str, messages: list[tuple[bytes, bytes]]) -> None:
-    producer = KafkaProducer(**kafka_client_options(settings), acks="all")
+    producer = KafkaProducer(**kafka_client_options(settings.kafka), acks="all")
     now = int(time.time() * 1000)
     try:
         for i, (key, value) in enumerate(messages):  # increasing times: tail sorts by them

@@ -180,7 +180,7 @@ def test_feed_reports_an_unreachable_broker() -> None:
 def commit_offset(settings: Settings, group: str, tp: TopicPartition, offset: int) -> None:
     """Commit ``offset`` for ``group`` as a worker would (retrying while a fresh broker
     creates its offsets topic and elects the group coordinator)."""
-    admin = KafkaAdminClient(**kafka_client_options(settings))
+    admin = KafkaAdminClient(**kafka_client_options(settings.kafka))
     try:
         deadline = time.monotonic() + 30
         while True:

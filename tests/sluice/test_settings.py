@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from sluice.errors import SettingsError, SluiceError
-from sluice.settings import DedupSettings, Settings, load_settings
+from agents.config import DedupSettings
+from schemas.errors import SluiceError
+from sluice.errors import SettingsError
+from sluice.settings import Settings, load_settings
 
 TOML = """
 state_dir = "state"

@@ -114,7 +114,7 @@ def test_lifecycle_up_up_down_up(tmp_path: Path) -> None:
         client.set(key, "survives")
         client.hset(f"{key}:h", mapping={"a": "1", "b": "2"})
         client.close()
-        producer = KafkaProducer(**kafka_client_options(settings), acks="all")
+        producer = KafkaProducer(**kafka_client_options(settings.kafka), acks="all")
         producer.send(settings.topics.raw, key=b"k", value=b"kept").get(timeout=30)
         producer.close()
 

@@ -16,7 +16,7 @@ from streams.connections import kafka_client_options
 def create_topic(settings: Settings, prefix: str, partitions: int = 1) -> str:
     """A new topic with a unique name (tests sharing one broker never see each other's)."""
     name = f"{prefix}-{uuid.uuid4().hex[:10]}"
-    admin = KafkaAdminClient(**kafka_client_options(settings), request_timeout_ms=15000)
+    admin = KafkaAdminClient(**kafka_client_options(settings.kafka), request_timeout_ms=15000)
     try:
         admin.create_topics([NewTopic(name, partitions, 1)], timeout_ms=15000)
         admin.wait_for_topics([name], timeout_ms=15000)
@@ -32,7 +32,7 @@ def consume_all(settings: Settings, topic: str, expected: int,
     Returns kafka-python ``ConsumerRecord``s in (partition, offset) order; fewer than
     ``expected`` only when the timeout passed first.
     """
-    consumer = KafkaConsumer(**kafka_client_options(settings), group_id=None,
+    consumer = KafkaConsumer(**kafka_client_options(settings.kafka), group_id=None,
                              enable_auto_commit=False)
     try:
         partitions = consumer.partitions_for_topic(topic) or set()

@@ -117,7 +117,7 @@ def test_encode_decode_is_identity(name: str) -> None:
 def test_every_record_type_round_trips_through_kafka(stack: Settings) -> None:
     topic = create_topic(stack, "roundtrip")
     sent = [(name, record) for name, recs in sample_records().items() for record in recs]
-    producer = KafkaProducer(**kafka_client_options(stack), acks="all",
+    producer = KafkaProducer(**kafka_client_options(stack.kafka), acks="all",
                              compression_type="gzip", max_request_size=8 * 1024 * 1024)
     try:
         for i, (name, record) in enumerate(sent):
@@ -142,7 +142,7 @@ def test_event_producer_keys_by_id_and_keeps_order(stack: Settings) -> None:
          "label": "docs", "content": f"Page {i}: {TEXT}", "timestamp": T0 + i,
          "attributes": {"n": str(i)}} for i in range(40)]
     json_event = json.dumps({"id": "json-1", "kind": "code", "content": CODE}).encode()
-    with EventProducer(stack, topic=topic) as producer:
+    with EventProducer(stack.kafka, stack.topics, topic=topic) as producer:
         sizes = [producer.send(e) for e in events]  # type: ignore[arg-type]
         producer.send_bytes(b"json-1", json_event)
     assert producer.stats.events == 40

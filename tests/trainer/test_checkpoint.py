@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sluice.settings import TrainerSettings
 from trainer.checkpoint import GENESIS, CheckpointStore, Lineage, chain_hash
+from trainer.config import TrainerSettings
 from trainer.errors import CheckpointError
 from trainer.loop import configure_optimizer
 from trainer.models import EmbeddingClassifier, load_plugin

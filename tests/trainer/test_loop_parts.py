@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from sluice.settings import TrainerSettings
+from trainer.config import TrainerSettings
 from trainer.evaluate import EvalSet, is_heldout, macro_f1
 from trainer.loop import get_lr, per_sample
 from trainer.models import IGNORE

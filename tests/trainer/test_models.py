@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from schemas.records import BatchSample
-from sluice.settings import TrainerSettings
 from tests.trainer.trainer_data import batch_samples, stdlib_functions
+from trainer.config import TrainerSettings
 from trainer.errors import PluginError
 from trainer.loop import configure_optimizer
 from trainer.models import IGNORE, BatchError, ByteLM, EmbeddingClassifier, load_plugin

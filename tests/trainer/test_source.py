@@ -42,7 +42,7 @@ def loaded_topic(stack: Settings) -> tuple[Settings, list[str]]:
     samples = batch_samples(list(stdlib_functions(scale=0.05)), content_chars=200)
     batches = make_batches(samples, 30, 4, partitions=3)
     produce(settings, topic, batches[:15])
-    producer = KafkaProducer(**kafka_client_options(settings))
+    producer = KafkaProducer(**kafka_client_options(settings.kafka))
     producer.send(topic, key=b"junk", value=b"\x00not avro", partition=1)
     producer.flush()
     producer.close()

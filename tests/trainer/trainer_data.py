@@ -131,7 +131,7 @@ def with_topics(settings: Settings, **topics: Any) -> Settings:
 
 def produce(settings: Settings, topic: str, batches: list[CuratedBatch]) -> None:
     """Write ``batches`` to ``topic``, each to its own partition, and wait for the acks."""
-    producer = KafkaProducer(**kafka_client_options(settings), linger_ms=5,
+    producer = KafkaProducer(**kafka_client_options(settings.kafka), linger_ms=5,
                              max_request_size=8 * 1024 * 1024)
     try:
         for b in batches:
