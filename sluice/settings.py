@@ -81,7 +81,10 @@ class Settings(BaseSettings):
         data = dict(data)
         state_dir = Path(data.get("state_dir") or ".sluice").expanduser().absolute()
         data["state_dir"] = state_dir
-        stack = StackSettings(**_section(data, "stack"))
+        try:
+            stack = StackSettings(**_section(data, "stack"))
+        except ValidationError:
+            return data  # the field's own validation names the bad setting
         kafka = _section(data, "kafka")
         if not kafka.get("bootstrap_servers"):
             kafka["bootstrap_servers"] = _embedded_kafka(stack)
