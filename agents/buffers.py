@@ -32,6 +32,7 @@ from typing import Any
 
 import redis
 
+from agents.config import BalanceSettings
 from agents.keys import buffer_prefix
 from schemas.errors import SluiceError
 
@@ -358,3 +359,10 @@ def _redis_errors(what: str) -> Iterator[None]:
         yield
     except redis.RedisError as exc:
         raise BufferStoreError(f"Redis refused buffer {what}: {exc}") from exc
+
+
+def buffers_for(client: redis.Redis, namespace: str, partition: int,
+                settings: BalanceSettings) -> ClassBuffers:
+    """The class buffers of one samples partition, sized by the balance settings."""
+    return ClassBuffers(client, namespace, partition, settings.buffer_cap, settings.reuse_cap,
+                        seen_ttl_s=settings.seen_ttl_s or None, retain_s=settings.retain_s)

@@ -123,7 +123,7 @@ def allocate_with_credit(
     return counts, new_credit
 
 
-def content_digest(sample_digests: Sequence[str]) -> str:
+def lineage_digest(sample_digests: Sequence[str]) -> str:
     """Hex SHA-256 over the ordered sample digests: the batch's lineage key.
 
     The digests (hex SHA-256 of each sample's normalized content) are hashed as ASCII,
@@ -205,7 +205,7 @@ def assemble_batch(
             digests.append(str(s["digest"]))
         except KeyError as exc:
             raise ComposeError(f"sample {s.get('id')!r} lacks field {exc}") from exc
-    digest = content_digest(digests)
+    digest = lineage_digest(digests)
     return CuratedBatch(
         batch_id=batch_id(partition, sequence, digest),
         partition=partition,

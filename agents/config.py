@@ -20,6 +20,10 @@ from streams.config import (
     TopicSettings,
 )
 
+#: The worker's agents, in stream order. The first two are the filter stages that
+#: ``agents.pipeline`` composes; balance and feedback are sinks.
+AGENTS = ("ingest", "dedup", "balance", "feedback")
+
 
 class CodeQualitySettings(Section):
     """StarCoder/The Stack-style filters for source code."""

@@ -163,7 +163,7 @@ class Embedder:
         owner = np.repeat(np.arange(len(texts)), [len(chunks) for chunks in per_text])
         sums = np.zeros((len(texts), self.dim), dtype=np.float32)
         np.add.at(sums, owner, vectors)
-        return normalize(sums)
+        return unit_rows(sums)
 
 
     def encode_windows(self, texts: list[str]) -> np.ndarray:
@@ -208,20 +208,8 @@ def _windows(text: str, offsets: list[tuple[int, int]], window: int, limit: int)
     return [text[offsets[s][0] : offsets[min(s + window, len(offsets)) - 1][1]] for s in starts]
 
 
-def normalize(vectors: np.ndarray) -> np.ndarray:
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm (zero rows stay zero), as float32."""
     vectors = np.asarray(vectors, dtype=np.float32)
     norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
     return (vectors / np.where(norms > 0, norms, 1.0)).astype(np.float32, copy=False)
-
-
-def to_f16_bytes(vec: np.ndarray) -> bytes:
-    """A vector as little-endian float16 bytes (the ``embedding`` field on the wire)."""
-    return np.asarray(vec, dtype="<f2").tobytes()
-
-
-def from_f16_bytes(data: bytes, dim: int) -> np.ndarray:
-    """The float32 vector of ``dim`` values written by ``to_f16_bytes``."""
-    if len(data) != 2 * dim:
-        raise EmbedError(f"embedding has {len(data)} bytes, expected {2 * dim} for dim {dim}")
-    return np.frombuffer(data, dtype="<f2").astype(np.float32)

@@ -9,13 +9,13 @@ verification), opens a connection pool per band, and keeps no signatures to veri
 candidates with. Here a batch takes three round trips: one pipeline for replays and LSH
 candidates, one fetch of candidate signatures, one script that inserts the admitted items.
 
-Keys (``{namespace}`` is a Redis Cluster hash tag: one namespace lives in one slot, so the
-insert script may touch all its keys)::
+Keys, under ``agents.keys.lsh_prefix`` (one Redis Cluster hash tag per namespace's index,
+so the insert script may touch all its keys)::
 
-    sluice:{ns}:lsh:meta           hash  num_perm, bands, rows, shingle_words, seed, scheme
-    sluice:{ns}:lsh:sig            hash  id -> signature (num_perm little-endian uint32) + seq
-    sluice:{ns}:lsh:seq            int   insertion counter
-    sluice:{ns}:lsh:band:{i}:{h}   set   ids whose band i hashes to h
+    <prefix>:meta           hash  num_perm, bands, rows, shingle_words, seed, scheme
+    <prefix>:sig            hash  id -> signature (num_perm little-endian uint32) + seq
+    <prefix>:seq            int   insertion counter
+    <prefix>:band:{i}:{h}   set   ids whose band i hashes to h
 
 Races: two workers may check and insert near-copies of each other at the same time. The
 insert script gives every insert a sequence number and, in the same atomic step, returns
@@ -30,10 +30,9 @@ insert and the removal leaves the loser admitted.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import redis
@@ -50,6 +49,7 @@ from agents.minhash import (
     _fmix64,
     jaccard,
 )
+from agents.step import Item, Outcome, Step, rejection
 from schemas.errors import SluiceError
 
 DEFAULT_WEIGHTS = (0.05, 0.95)
@@ -60,7 +60,7 @@ Jaccard 0.8 with probability 0.95 (0.99 at 0.85), where equal weights (9 × 13) 
 
 
 
-Outcome = Literal["admitted", "replayed", "duplicate", "skipped"]
+FuzzyResult = Literal["admitted", "replayed", "duplicate", "skipped"]
 
 
 class FuzzyError(SluiceError):
@@ -81,7 +81,7 @@ class FuzzyDecision:
     keep: bool
     duplicate_of: str | None = None
     similarity: float | None = None
-    outcome: Outcome = "admitted"
+    outcome: FuzzyResult = "admitted"
 
 
 _REPLAYED = FuzzyDecision(True, outcome="replayed")
@@ -124,6 +124,12 @@ for i = 1, n do
 end
 return out
 """
+
+
+class NearIndex(Protocol):
+    """Checks (id, text) pairs against earlier ones and admits the new ones."""
+
+    def check_and_insert(self, items: Sequence[tuple[str, str]]) -> list[FuzzyDecision]: ...
 
 
 @dataclass(slots=True)
@@ -357,16 +363,30 @@ class FuzzyIndex:
     def __len__(self) -> int:
         return int(self.redis.hlen(self._sig_key))
 
-    def drop(self) -> int:
-        """Delete every key of this namespace's index; returns how many were deleted."""
-        deleted = 0
-        batch: list[bytes] = []
-        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self.prefix) + ":*"
-        for key in self.redis.scan_iter(match=pattern, count=1000):
-            batch.append(key)
-            if len(batch) >= 1000:
-                deleted += int(self.redis.unlink(*batch))
-                batch = []
-        if batch:
-            deleted += int(self.redis.unlink(*batch))
-        return deleted
+
+class FuzzyDedup(Step):
+    """Candidates in; the same candidate, or a ``near_duplicate`` of an earlier one."""
+
+    name = "fuzzy"
+    stage = "fuzzy"
+
+    def __init__(self, settings: FuzzySettings, index: NearIndex) -> None:
+        super().__init__()
+        self.settings = settings
+        self.index = index
+
+    def process(self, items: Sequence[Item]) -> list[Outcome]:
+        """One outcome per candidate, in input order."""
+        decisions = self.index.check_and_insert([(i.record["id"], i.record["content"])
+                                                 for i in items])
+        outcomes = []
+        for item, decision in zip(items, decisions, strict=True):
+            if decision.keep:
+                outcomes.append(Outcome(item.record, rejected=False))
+            else:
+                outcomes.append(rejection(
+                    self.stage, "near_duplicate", item.coords, event=dict(item.record),
+                    duplicate_of=decision.duplicate_of, similarity=decision.similarity,
+                    detail=f"estimated Jaccard {decision.similarity:.3f} ≥ "
+                           f"{self.settings.threshold}"))
+        return outcomes

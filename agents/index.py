@@ -37,7 +37,7 @@ from agents.keys import vset_key
 from schemas.errors import SluiceError
 
 # KEYS[1]: the vector set.
-# ARGV: min_score, count, quantization, build ef, M, reduce (0: none), then id, blob pairs.
+# ARGV: min_score, count, quantization, build ef, M, then id, blob pairs.
 # Replies, one per item: {"already"} | {"kept"[, nearest score]} | {"duplicate", element, score}.
 # A dimension or quantization mismatch fails at the first VSIM/VADD, before any write of
 # this call, so an error never leaves half a micro-batch admitted.
@@ -45,9 +45,8 @@ ADMIT_LUA = """
 local key = KEYS[1]
 local min_score = tonumber(ARGV[1])
 local count, quant, ef, m = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local reduce = tonumber(ARGV[6])
 local out = {}
-for i = 7, #ARGV, 2 do
+for i = 6, #ARGV, 2 do
   local id, blob = ARGV[i], ARGV[i + 1]
   if redis.call('VISMEMBER', key, id) == 1 then
     out[#out + 1] = {'already'}
@@ -62,11 +61,7 @@ for i = 7, #ARGV, 2 do
       -- as a string: a Lua number in a reply would be cut to an integer
       out[#out + 1] = {'duplicate', best, string.format('%.17g', best_score)}
     else
-      if reduce > 0 then
-        redis.call('VADD', key, 'REDUCE', reduce, 'FP32', blob, id, quant, 'EF', ef, 'M', m)
-      else
-        redis.call('VADD', key, 'FP32', blob, id, quant, 'EF', ef, 'M', m)
-      end
+      redis.call('VADD', key, 'FP32', blob, id, quant, 'EF', ef, 'M', m)
       if best == nil then
         out[#out + 1] = {'kept'}
       else
@@ -111,24 +106,18 @@ def cosine_to_score(cos: float) -> float:
 
 
 class VectorIndex:
-    """Atomic near-duplicate admission against one Redis 8 vector set.
-
-    ``reduce`` (optional) asks the set to store random projections to that many dimensions
-    (``VADD … REDUCE``); it only takes effect when the set is created.
-    """
+    """Atomic near-duplicate admission against one Redis 8 vector set."""
 
     def __init__(
         self,
         redis_client: redis.Redis,
         namespace: str,
         settings: DedupSettings,
-        reduce: int | None = None,
     ) -> None:
         self.client = redis_client
         self.namespace = namespace
         self.settings = settings
         self.key = vset_key(namespace)
-        self.reduce = reduce
         # EVALSHA with the locally computed SHA; redis-py loads the script and retries once
         # on NOSCRIPT (a restarted or flushed server).
         self._script = redis_client.register_script(ADMIT_LUA)
@@ -151,7 +140,6 @@ class VectorIndex:
             _QUANTIZATION[self.settings.quantization],
             self.settings.build_ef,
             self.settings.links,
-            self.reduce or 0,
         ]
         for item_id, blob in zip(ids, blobs, strict=True):
             args += [item_id, blob]

@@ -38,6 +38,10 @@ Policy = Literal["natural", "inverse", "power", "effective_number"]
 POLICIES: tuple[str, ...] = get_args(Policy)
 
 
+# The defaults of the keyword parameters below are the settings' declared defaults.
+_DEFAULT = BalanceSettings()
+
+
 class PolicyError(SluiceError):
     """An unknown policy or an invalid policy parameter."""
 
@@ -57,9 +61,9 @@ def class_weights(
     ema: Mapping[str, float],
     policy: str,
     *,
-    epsilon: float = 1.0,
-    tau: float = 0.5,
-    beta: float = 0.999,
+    epsilon: float = _DEFAULT.epsilon,
+    tau: float = _DEFAULT.tau,
+    beta: float = _DEFAULT.beta,
     horizon: float = 1.0,
 ) -> dict[str, float]:
     """Per-sample weight ``w_c`` of each class with a positive EMA count (see module doc)."""
@@ -90,11 +94,11 @@ def target_shares(
     ema: Mapping[str, float],
     policy: str,
     *,
-    epsilon: float = 1.0,
-    tau: float = 0.5,
-    beta: float = 0.999,
+    epsilon: float = _DEFAULT.epsilon,
+    tau: float = _DEFAULT.tau,
+    beta: float = _DEFAULT.beta,
     difficulty: Mapping[str, float] | None = None,
-    gamma: float = 1.0,
+    gamma: float = _DEFAULT.difficulty_gamma,
     horizon: float = 1.0,
 ) -> Targets:
     """The class mix the policy aims at, from EMA class counts per window.
@@ -133,14 +137,14 @@ def _factor(difficulty: float, gamma: float) -> float:
 def policy_label(
     policy: str,
     *,
-    epsilon: float = 1.0,
-    tau: float = 0.5,
-    beta: float = 0.999,
-    gamma: float = 1.0,
+    epsilon: float = _DEFAULT.epsilon,
+    tau: float = _DEFAULT.tau,
+    beta: float = _DEFAULT.beta,
+    gamma: float = _DEFAULT.difficulty_gamma,
 ) -> str:
     """The policy with its parameter, as recorded in ``CuratedBatch.policy``.
 
-    E.g. ``inverse(epsilon=1.0,gamma=1.0)``, ``power(tau=0.5,gamma=0.0)``.
+    E.g. ``inverse(epsilon=0.1,gamma=1.0)``, ``power(tau=0.5,gamma=0.0)``.
     """
     if policy not in POLICIES:
         raise PolicyError(f"unknown policy {policy!r}")

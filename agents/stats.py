@@ -109,10 +109,6 @@ class ClassEMA:
             return {}
         return {c: v / total for c, v in counts.items()}
 
-    def memory_samples(self) -> float:
-        """Samples the EMA effectively remembers: ``window / (1 − α)``."""
-        return self.window / (1.0 - self.alpha)
-
     # -- combine and serialize -----------------------------------------------------------
     def merge(self, other: ClassEMA) -> ClassEMA:
         """A new EMA whose ``get()`` is the sum of both (e.g. all partitions of a topic).

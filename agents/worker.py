@@ -1,101 +1,54 @@
-"""The Faust agents: each a few lines that move events through a step (CONVENTIONS §3).
+"""The Faust agents: each a few lines that move events through steps (CONVENTIONS §3).
 
-``build_worker(settings, stages)`` declares the chosen agents on a fresh app; the steps
-(``Ingest``, ``SemanticDedup``, ``Balancer``, ``FeedbackStep``) hold all the logic. Blocking
-steps run in single-thread executors so the event loop keeps heartbeating.
+``build_worker(config, stages)`` declares the chosen agents on a fresh app. The steps
+hold all the logic (``agents.pipeline`` composes ingest and dedup; ``Balance`` and
+``Feedback`` are sinks); blocking steps run in single-thread executors
+(``agents.runner.Runner``) so the event loop keeps heartbeating.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import faust
 import redis
 
+from agents.balance import Balance
+from agents.buffers import ClassBuffers, buffers_for
+from agents.config import AGENTS, Curation
+from agents.feedback import Feedback, LossStore
+from agents.index import VectorIndex
 from agents.metrics import StageMetrics
-from agents.outcome import Coords, Incoming, Outcome
+from agents.pipeline import build_pipeline
+from agents.policy import label_for
+from agents.runner import Runner, item_of, send_outcomes
+from agents.step import Item
 from schemas.errors import SluiceError
-from sluice.settings import Settings
+from schemas.records import CuratedBatch
 from streams.app import Topics, create_app
 from streams.connections import redis_client
 
-log = logging.getLogger(__name__)
 
-STAGES = ("ingest", "dedup", "balance", "feedback")
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-def coords_of(event: faust.EventT) -> Coords:
-    """Topic, partition and offset of a Faust event."""
-    message = event.message
-    return Coords(message.topic, message.partition, message.offset)
-
-
-def _redis_down(exc: BaseException) -> bool:
-    while exc is not None:
-        if isinstance(exc, redis.ConnectionError | redis.TimeoutError | redis.BusyLoadingError):
-            return True
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
-    return False
-
-
-class Runner:
-    """Runs a blocking step off the event loop; waits out a Redis outage and retries.
-
-    Retrying a whole micro-batch is safe: every step is idempotent by event id.
-    """
-
-    def __init__(self, name: str) -> None:
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sluice-{name}")
-
-    async def __call__(self, fn: Callable[[T], R], batch: T) -> R:
-        loop = asyncio.get_running_loop()
-        delay = 0.5
-        while True:
-            try:
-                return await loop.run_in_executor(self.pool, fn, batch)
-            except (redis.RedisError, SluiceError) as exc:
-                if not _redis_down(exc):
-                    raise
-                log.warning("Redis unreachable (%s); retrying in %.1f s", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-
-
-async def send_outcomes(outcomes: Sequence[Outcome], passed: faust.TopicT,
-                        rejected: faust.TopicT) -> None:
-    """Send each outcome on and wait until Kafka has them all, so that the offsets Faust
-    commits afterwards never cover work that was not delivered."""
-    pending: list[Awaitable[Any]] = []
-    for outcome in outcomes:
-        record = outcome.record
-        topic = rejected if outcome.rejected else passed
-        pending.append(await topic.send(key=record["id"].encode("utf-8"), value=record))
-    await asyncio.gather(*pending)
-
-
-def build_worker(settings: Settings, stages: Sequence[str] = STAGES) -> faust.App:
-    """A Faust app with the agents of ``stages`` declared on it."""
-    unknown = set(stages) - set(STAGES)
+def build_worker(config: Curation, agents: Sequence[str] = AGENTS) -> faust.App:
+    """A Faust app with the chosen agents declared on it."""
+    unknown = set(agents) - set(AGENTS)
     if unknown:
         raise SluiceError(f"unknown agent(s) {', '.join(sorted(unknown))}; "
-                          f"choose from {', '.join(STAGES)}")
-    app, topics = create_app(settings.kafka, settings.topics, app_id=settings.app_id,
-                             datadir=settings.state_dir / "faust",
-                             web_port=settings.metrics.worker_web_port,
-                             buffer_maxsize=4 * settings.dedup.batch_size)
-    client = redis_client(settings.redis)
+                          f"choose from {', '.join(AGENTS)}")
+    app, topics = create_app(config.kafka, config.topics, app_id=config.app_id,
+                             datadir=config.state_dir / "faust",
+                             web_port=config.metrics.worker_web_port,
+                             buffer_maxsize=max(config.ingest.batch_size,
+                                                config.dedup.batch_size))
+    client = redis_client(config.redis)
     metrics: dict[str, StageMetrics] = {}
-    for stage in stages:
-        metrics[stage] = StageMetrics(stage)
-        _DECLARE[stage](app, topics, settings, client, metrics[stage])
+    for agent in agents:
+        metrics[agent] = StageMetrics(agent)
+        _DECLARE[agent](app, topics, config, client, metrics[agent])
 
-    @app.timer(interval=settings.metrics.interval_s)
+    @app.timer(interval=config.metrics.interval_s)
     async def publish_metrics() -> None:
         for stage_metrics in metrics.values():
             snapshot = stage_metrics.snapshot()
@@ -119,61 +72,130 @@ def _expose_prometheus(app: faust.App, metrics: dict[str, StageMetrics]) -> None
         return web.bytes(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
 
 
-def _declare_ingest(app: faust.App, topics: Topics, settings: Settings, client: redis.Redis,
+def _declare_ingest(app: faust.App, topics: Topics, config: Curation, client: redis.Redis,
                     metrics: StageMetrics) -> None:
-    from agents.ingest import Ingest
-
-    step = Ingest(settings, client)
+    pipeline = build_pipeline(config, client, stages=["ingest"])
     run = Runner("ingest")
 
     @app.agent(topics.raw, name="sluice-ingest")
     async def ingest(stream: faust.StreamT) -> None:
         async for events in stream.take_events(  # type: ignore[attr-defined]
-                4 * settings.dedup.batch_size, within=settings.dedup.batch_within_s):
-            batch = [Incoming(e.value, e.key, coords_of(e)) for e in events]
+                config.ingest.batch_size, within=config.ingest.batch_within_s):
+            batch = [item_of(e) for e in events]
             metrics.count_in(len(batch))
-            outcomes = await run(step.process, batch)
+            outcomes = await run(pipeline.run, batch)
             await send_outcomes(outcomes, topics.candidates, topics.rejected)
             metrics.count_outcomes(outcomes)
-            metrics.add_seconds(step.seconds)
+            metrics.add_seconds(pipeline.seconds())
 
 
-def _declare_dedup(app: faust.App, topics: Topics, settings: Settings, client: redis.Redis,
+def _declare_dedup(app: faust.App, topics: Topics, config: Curation, client: redis.Redis,
                    metrics: StageMetrics) -> None:
-    from agents.dedup import SemanticDedup
-
-    step = SemanticDedup(settings, client)  # loads the model now: fail before consuming
+    pipeline = build_pipeline(config, client, stages=["dedup"])  # loads the model now
+    index = VectorIndex(client, config.redis.namespace, config.dedup)
     run = Runner("dedup")
-    metrics.labels["model"] = settings.dedup.model
+    metrics.labels["model"] = config.dedup.model if config.dedup.enabled else "none"
 
     @app.agent(topics.candidates, name="sluice-dedup")
     async def dedup(stream: faust.StreamT) -> None:
         async for events in stream.take_events(  # type: ignore[attr-defined]
-                settings.dedup.batch_size, within=settings.dedup.batch_within_s):
-            batch = [(e.value, coords_of(e)) for e in events]
+                config.dedup.batch_size, within=config.dedup.batch_within_s):
+            batch = [item_of(e) for e in events]
             metrics.count_in(len(batch))
-            outcomes = await run(step.process, batch)
+            outcomes = await run(pipeline.run, batch)
             await send_outcomes(outcomes, topics.samples, topics.rejected)
-            metrics.count_outcomes(outcomes, (cand["timestamp"] for cand, _ in batch))
-            metrics.add_seconds(step.seconds)
-            metrics.gauges["index.size"] = float(await run(lambda _: step.index.size(), None))
+            metrics.count_outcomes(outcomes, (item.record["timestamp"] for item in batch))
+            metrics.add_seconds(pipeline.seconds())
+            metrics.gauges["index.size"] = float(await run(lambda _: index.size(), None))
 
 
-def _declare_balance(app: faust.App, topics: Topics, settings: Settings, client: redis.Redis,
+def _declare_balance(app: faust.App, topics: Topics, config: Curation, client: redis.Redis,
                      metrics: StageMetrics) -> None:
-    from agents.balance import declare_balance
+    table = app.Table("sluice-balance-state", default=dict, partitions=config.topics.partitions,
+                      key_type=str)  # values: JSON (the default serializer)
+    losses = LossStore(client, config.redis.namespace)
+    steps: dict[int, Balance] = {}
+    run = Runner("balance")
+    metrics.labels["policy"] = label_for(config.balance)
 
-    declare_balance(app, topics, settings, client, metrics)
+    def balance_one(args: tuple[Item, dict[str, Any]]) -> tuple[Balance, list[CuratedBatch]]:
+        item, state = args
+        partition = item.coords.partition
+        if partition not in steps:
+            buffers = buffers_for(client, config.redis.namespace, partition, config.balance)
+            steps[partition] = Balance(config.balance, buffers, losses)
+        step = steps[partition]
+        step.state = state
+        return step, [outcome.record for outcome in step.run([item])]
+
+    @app.agent(topics.samples, name="sluice-balance")
+    async def balance(stream: faust.StreamT) -> None:
+        # Iterate values (stream.events() never yields in faust-streaming 0.15).
+        async for _ in stream:
+            item = item_of(stream.current_event)  # type: ignore[arg-type]
+            metrics.count_in()
+            metrics.counters[f"in.label.{item.record['label']}"] += 1
+            key = str(item.coords.partition)
+            step, batches = await run(balance_one, (item, dict(table[key])))
+            table[key] = step.state  # reassigned: only assignment reaches the changelog
+            metrics.counters["replayed"] = sum(s.counters["replayed"] for s in steps.values())
+            for batch in batches:
+                await (await topics.batches.send(key=batch["batch_id"].encode(), value=batch))
+                fill = await run(lambda b: (b.sizes(), b.evictions()), step.buffers)
+                _batch_metrics(metrics, batch, *fill)
 
 
-def _declare_feedback(app: faust.App, topics: Topics, settings: Settings, client: redis.Redis,
+def _batch_metrics(metrics: StageMetrics, batch: CuratedBatch, sizes: dict[str, int],
+                   evictions: dict[str, int]) -> None:
+    metrics.counters["out"] += len(batch["samples"])
+    metrics.counters["batches"] += 1
+    for sample in batch["samples"]:
+        metrics.counters[f"out.label.{sample['label']}"] += 1
+        if sample["replay"]:
+            metrics.counters["out.replay"] += 1
+    for label, share in batch["class_shares"].items():
+        metrics.gauges[f"share.ema.{label}"] = share
+    for label, share in batch["target_shares"].items():
+        metrics.gauges[f"share.target.{label}"] = share
+    for label, factor in batch["difficulty"].items():
+        metrics.gauges[f"difficulty.{label}"] = factor
+    for sample in batch["samples"]:
+        metrics.gauges[f"weight.{sample['label']}"] = sample["weight"]
+    for label, size in sizes.items():
+        metrics.gauges[f"buffer.{label}"] = float(size)
+    for label, n in evictions.items():
+        metrics.counters[f"evicted.{label}"] = int(n)
+
+
+def _declare_feedback(app: faust.App, topics: Topics, config: Curation, client: redis.Redis,
                       metrics: StageMetrics) -> None:
-    from agents.balance import declare_feedback
+    buffers: dict[int, ClassBuffers] = {}
 
-    declare_feedback(app, topics, settings, client, metrics)
+    def buffers_of(partition: int) -> ClassBuffers:
+        if partition not in buffers:
+            buffers[partition] = buffers_for(client, config.redis.namespace, partition,
+                                             config.balance)
+        return buffers[partition]
+
+    step = Feedback(config.balance, LossStore(client, config.redis.namespace), buffers_of)
+    run = Runner("feedback")
+
+    @app.agent(topics.feedback, name="sluice-feedback")
+    async def feedback(stream: faust.StreamT) -> None:
+        async for _ in stream:
+            metrics.count_in()
+            (outcome,) = await run(step.run, [item_of(stream.current_event)])  # type: ignore[arg-type]
+            result = outcome.record
+            metrics.counters["out"] += 1
+            metrics.counters["hard"] += result["hard"]
+            metrics.counters["replay.queued"] += result["queued"]
+            if math.isfinite(result["threshold"]):
+                metrics.gauges["hard.threshold"] = result["threshold"]
+            for label, factor in result["difficulty"].items():
+                metrics.gauges[f"difficulty.{label}"] = factor
 
 
-_DECLARE: dict[str, Callable[[faust.App, Topics, Settings, redis.Redis, StageMetrics], None]] = {
+_DECLARE: dict[str, Callable[[faust.App, Topics, Curation, redis.Redis, StageMetrics], None]] = {
     "ingest": _declare_ingest,
     "dedup": _declare_dedup,
     "balance": _declare_balance,

@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from agents.config import AGENTS
 from schemas.errors import SluiceError
 from sluice.settings import Settings, load_settings
 
@@ -22,7 +23,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # Commands whose modules import torch or a web server: loaded only when invoked.
 LAZY_COMMANDS = {
-    "train": ("trainer.cli", "train"),
+    "train": ("sluice.train", "train"),
     "dashboard": ("sluice.dashboard", "dashboard"),
     "monitor": ("sluice.monitor", "monitor"),
 }
@@ -180,7 +181,7 @@ def tail_cmd(ctx: click.Context, topic: str, count: int | None, from_beginning: 
 
 
 @cli.command()
-@click.option("--agents", "stages", default=",".join(("ingest", "dedup", "balance", "feedback")),
+@click.option("--agents", "stages", default=",".join(AGENTS),
               show_default=True, help="Comma-separated subset of the agents to run.")
 @click.option("--loglevel", default="warning", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))

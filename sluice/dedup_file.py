@@ -17,9 +17,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from agents.dedup import ingest_and_dedup
-from agents.ingest import Ingest
-from agents.outcome import Coords, Incoming, Outcome
+from agents.pipeline import Pipeline, build_pipeline
+from agents.step import Coords, Item, Outcome
 from sluice.settings import Settings
 from streams.connections import redis_client
 
@@ -64,13 +63,9 @@ def dedup_file(settings: Settings, input_path: Path, out_path: Path, *,
     """Decide every line of ``input_path``; returns counts by outcome."""
     console = console or Console(stderr=True)
     client = redis_client(settings.redis)
-    ingest = Ingest(settings, client, namespace)
-    dedup = None
-    if semantic and settings.dedup.enabled:
-        from agents.dedup import SemanticDedup
-
-        with console.status("loading the embedding model"):
-            dedup = SemanticDedup(settings, client, namespace=namespace)
+    stages = ["ingest", "dedup"] if semantic else ["ingest"]
+    with console.status("loading the steps (embedding model, indexes)"):
+        pipeline = build_pipeline(settings, client, stages=stages, namespace=namespace)
     chunk = chunk or settings.dedup.batch_size
     counts: Counter[str] = Counter()
     total = sum(1 for _ in _lines(input_path))
@@ -79,23 +74,22 @@ def dedup_file(settings: Settings, input_path: Path, out_path: Path, *,
                         TimeElapsedColumn(), console=console)
     with progress, out_path.open("w", encoding="utf-8") as out:
         task = progress.add_task("dedup", total=total, kept=0)
-        batch: list[Incoming] = []
+        batch: list[Item] = []
         for number, line in _lines(input_path):
-            batch.append(Incoming(_with_id(line, number), None, Coords(str(input_path), 0, number)))
+            batch.append(Item(_with_id(line, number), Coords(str(input_path), 0, number)))
             if len(batch) >= chunk:
-                _run(batch, ingest, dedup, out, counts)
+                _run(pipeline, batch, out, counts)
                 progress.update(task, advance=len(batch), kept=counts["kept"])
                 batch = []
         if batch:
-            _run(batch, ingest, dedup, out, counts)
+            _run(pipeline, batch, out, counts)
             progress.update(task, advance=len(batch), kept=counts["kept"])
     _summary(console, counts, out_path)
     return counts
 
 
-def _run(batch: list[Incoming], ingest: Ingest, dedup: Any, out: IO[str],
-         counts: Counter[str]) -> None:
-    for outcome in ingest_and_dedup(batch, ingest, dedup):
+def _run(pipeline: Pipeline, batch: list[Item], out: IO[str], counts: Counter[str]) -> None:
+    for outcome in pipeline.run(batch):
         counts[outcome.reason or "kept"] += 1
         out.write(json.dumps(decision(outcome), ensure_ascii=False) + "\n")
 

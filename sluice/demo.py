@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from schemas.errors import SluiceError
-from sluice.settings import Settings
+from sluice.settings import Settings, settings_env
 from streams.connections import kafka_client_options
 from streams.serde import DecodeError, decode
 
@@ -93,19 +93,12 @@ class OutcomeFollower:
         self.consumer.close()
 
 
-def _settings_env(settings: Settings) -> dict[str, str]:
-    return {"SLUICE_STATE_DIR": str(settings.state_dir),
-            "SLUICE_STACK__KAFKA_PORT": str(settings.stack.kafka_port),
-            "SLUICE_STACK__CONTROLLER_PORT": str(settings.stack.controller_port),
-            "SLUICE_STACK__REDIS_PORT": str(settings.stack.redis_port)}
-
-
 def start_process(settings: Settings, args: list[str], log: Path) -> subprocess.Popen[bytes]:
     """Run ``sluice ARGS`` in the background with the same settings, output to ``log``."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
         return subprocess.Popen([sys.executable, "-m", "sluice.cli", *args],
-                                env=os.environ | _settings_env(settings), stdout=out,
+                                env=os.environ | settings_env(settings), stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 

@@ -33,10 +33,9 @@ from typing import Any
 from kafka import KafkaConsumer, TopicPartition
 from kafka.admin import KafkaAdminClient
 from kafka.errors import KafkaError
-from pydantic import BaseModel
 
 from schemas.records import RawEvent
-from sluice.settings import Settings
+from sluice.settings import Settings, settings_env
 from sluice.stack import free_port
 from streams.config import TOPIC_RECORDS
 from streams.connections import kafka_client_options
@@ -211,8 +210,12 @@ def isolated(settings: Settings, *, partitions: int = 2, create: bool = True,
     update: dict[str, Any] = {
         "app_id": f"t{uid}",
         "topics": settings.topics.model_copy(update={**names, "partitions": partitions}),
+        "redis": settings.redis.model_copy(update={"namespace": uid,
+                                                    **sections.pop("redis", {})}),
+        "ingest": settings.ingest.model_copy(update={
+            "batch_size": 32, "batch_within_s": 0.5, **sections.pop("ingest", {})}),
         "dedup": settings.dedup.model_copy(update={
-            "namespace": uid, "batch_size": 8, "batch_within_s": 0.5,
+            "batch_size": 8, "batch_within_s": 0.5,
             **sections.pop("dedup", {})}),
     }
     for name, values in sections.items():
@@ -223,42 +226,13 @@ def isolated(settings: Settings, *, partitions: int = 2, create: bool = True,
     return result
 
 
-def _env_text(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-def _diff(value: Any, default: Any, path: tuple[str, ...]) -> Iterator[tuple[str, str]]:
-    if isinstance(value, BaseModel):
-        for name in type(value).model_fields:
-            yield from _diff(getattr(value, name), getattr(default, name, None), (*path, name))
-    elif value != default:
-        if value is None or isinstance(value, list | dict | tuple):
-            raise ValueError(f"env_of cannot express setting {'.'.join(path)}={value!r}")
-        yield "SLUICE_" + "__".join(p.upper() for p in path), _env_text(value)
-
-
-def env_of(settings: Settings) -> dict[str, str]:
-    """``SLUICE_*`` variables that make a ``sluice`` process load exactly ``settings``:
-    every setting that differs from its default (nested with ``__``), plus the state
-    folder and the stack's ports."""
-    defaults = Settings.model_construct()  # the declared defaults: no environment, no TOML
-    env = dict(_diff(settings, defaults, ()))
-    env["SLUICE_STATE_DIR"] = str(settings.state_dir)
-    env["SLUICE_STACK__KAFKA_PORT"] = str(settings.stack.kafka_port)
-    env["SLUICE_STACK__CONTROLLER_PORT"] = str(settings.stack.controller_port)
-    env["SLUICE_STACK__REDIS_PORT"] = str(settings.stack.redis_port)
-    return env
-
-
 def worker_env(settings: Settings) -> dict[str, str]:
-    """This process's environment without its own SLUICE_* variables, plus ``env_of``."""
+    """This process's environment without its own SLUICE_* variables, plus ``settings_env``."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
     base.setdefault("HF_HUB_OFFLINE", "1")
     base.setdefault("TRANSFORMERS_OFFLINE", "1")
     base.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return base | env_of(settings)
+    return base | settings_env(settings)
 
 
 def _sluice_command() -> list[str]:

@@ -1,6 +1,6 @@
 """The balance step called directly (no Faust) with the session stack's Redis.
 
-An imbalanced stream (80 / 15 / 5 %) of real-looking samples goes through ``Balancer.add``
+An imbalanced stream (80 / 15 / 5 %) of real-looking samples goes through ``Balance.run``
 one sample at a time, as the agent feeds it. After a warm-up of WARMUP batches, the class
 mix of the batches must follow the policy:
 
@@ -24,9 +24,11 @@ import numpy as np
 import pytest
 import redis
 
-from agents.balance import Balancer
-from agents.buffers import ClassBuffers
+from agents.balance import Balance
+from agents.buffers import ClassBuffers, buffers_for
+from agents.feedback import LossStore
 from agents.normalize import content_digest, normalize
+from agents.step import Coords, Item
 from schemas.records import CuratedBatch, CuratedSample
 from sluice.settings import Settings
 from streams.serde import encode
@@ -90,21 +92,34 @@ def stream() -> list[CuratedSample]:
     return imbalanced_stream()
 
 
-def balancer(stack: Settings, client: redis.Redis, policy: str, **extra: Any) -> Balancer:
-    """A Balancer of partition 0 on a fresh namespace."""
-    settings = stack.model_copy(update={"balance": stack.balance.model_copy(update={
+def balancer(stack: Settings, client: redis.Redis, policy: str, **extra: Any) -> Balance:
+    """A Balance step of partition 0 on a fresh namespace."""
+    settings = stack.balance.model_copy(update={
         "policy": policy, "batch_size": BATCH, "reuse_cap": REUSE, "buffer_cap": 2000,
-        "epsilon": 0.1, "tau": 0.5, **extra})})
-    return Balancer(settings, client, partition=0, namespace=unique_id())
+        "epsilon": 0.1, "tau": 0.5, **extra})
+    namespace = unique_id()
+    return Balance(settings, buffers_for(client, namespace, 0, settings),
+                   LossStore(client, namespace))
 
 
-def feed(step: Balancer, samples: list[CuratedSample], state: dict[str, Any] | None = None
+def add(step: Balance, sample: CuratedSample, state: dict[str, Any]
+        ) -> tuple[dict[str, Any], CuratedBatch | None, bool]:
+    """One sample through the step, as the agent runs it: the new state, the batch it
+    composed (if any), and whether the sample was new (not a replay)."""
+    replayed = step.counters["replayed"]
+    step.state = state
+    outcomes = step.run([Item(sample, Coords("sluice.samples", 0, 0))])
+    return step.state, outcomes[0].record if outcomes else None, (
+        step.counters["replayed"] == replayed)
+
+
+def feed(step: Balance, samples: list[CuratedSample], state: dict[str, Any] | None = None
          ) -> tuple[dict[str, Any], list[CuratedBatch]]:
-    """Every sample through ``add``, as the agent does; returns the state and the batches."""
+    """Every sample through the step, as the agent does; returns the state and the batches."""
     batches = []
     state = state or {}
     for s in samples:
-        state, batch, fresh = step.add(s, state)
+        state, batch, fresh = add(step, s, state)
         assert fresh
         if batch is not None:
             encode("CuratedBatch", batch)
@@ -123,7 +138,7 @@ def power_target(tau: float) -> dict[str, float]:
     return {label: v / sum(raw.values()) for label, v in raw.items()}
 
 
-def cleanup(step: Balancer) -> None:
+def cleanup(step: Balance) -> None:
     step.buffers.clear()
 
 
@@ -200,7 +215,7 @@ def test_adding_the_same_sample_again_changes_nothing(stack: Settings, client: r
         state, batches = feed(step, head)
         sizes = step.buffers.sizes()
         for s in head:
-            new_state, batch, fresh = step.add(s, state)
+            new_state, batch, fresh = add(step, s, state)
             assert (new_state, batch, fresh) == (state, None, False)
         assert step.buffers.sizes() == sizes
         # The stream goes on from where it was: the next batch comes after exactly
@@ -215,12 +230,12 @@ def test_adding_the_same_sample_again_changes_nothing(stack: Settings, client: r
 
 def test_a_sample_is_buffered_in_redis_before_add_returns(stack: Settings, client: redis.Redis,
                                                           stream: list[CuratedSample]) -> None:
-    """What the stage acknowledges is in Redis: a new Balancer (a restarted worker) on the
+    """What the stage acknowledges is in Redis: a new Balance step (a restarted worker) on the
     same namespace and partition sees every buffered sample."""
     step = balancer(stack, client, "natural")
     try:
         feed(step, stream[:BATCH - 1])  # no batch yet: everything waits in the buffers
-        again = ClassBuffers(client, step.namespace, 0, 2000, REUSE)
+        again = ClassBuffers(client, step.buffers.namespace, 0, 2000, REUSE)
         waiting = Counter(s["label"] for s in stream[:BATCH - 1])
         assert again.sizes() == {label: waiting[label] for label in sorted(waiting)}
     finally:

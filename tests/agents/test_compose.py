@@ -16,7 +16,7 @@ from agents.compose import (
     assemble_batch,
     batch_id,
     batch_order,
-    content_digest,
+    lineage_digest,
     partition_of,
 )
 from agents.policy import target_shares
@@ -141,8 +141,8 @@ def test_effective_number_policy_matches_its_target() -> None:
 def test_content_digest_and_batch_id() -> None:
     digests = [hashlib.sha256(s.encode()).hexdigest() for s in ("x", "y")]
     expected = hashlib.sha256((digests[0] + "\n" + digests[1] + "\n").encode()).hexdigest()
-    assert content_digest(digests) == expected
-    assert content_digest(digests[::-1]) != expected  # the order is part of the lineage
+    assert lineage_digest(digests) == expected
+    assert lineage_digest(digests[::-1]) != expected  # the order is part of the lineage
     assert batch_id(3, 17, expected) == f"3-17-{expected[:12]}"
     assert partition_of(batch_id(3, 17, expected)) == 3
     with pytest.raises(ComposeError):
@@ -169,7 +169,7 @@ def test_assemble_batch_builds_a_valid_curated_batch() -> None:
         class_shares={"a": 0.8, "b": 0.2}, target_shares={"a": 0.5, "b": 0.5},
         weights={"a": 0.625, "b": 2.5}, difficulty={"a": 1.0}, created_at=1_700_000_000_000,
     )
-    assert batch["content_digest"] == content_digest([str(s["digest"]) for s in ordered])
+    assert batch["content_digest"] == lineage_digest([str(s["digest"]) for s in ordered])
     assert batch["batch_id"] == f"2-5-{batch['content_digest'][:12]}"
     assert [s["id"] for s in batch["samples"]] == [s["id"] for s in ordered]
     assert {s["label"]: s["weight"] for s in batch["samples"]} == {"a": 0.625, "b": 2.5}

@@ -16,12 +16,14 @@ import pytest
 import redis
 
 from agents.config import DedupSettings
-from agents.dedup import SemanticDedup
-from agents.embed import Embedder, from_f16_bytes
+from agents.embed import Embedder
+from agents.index import VectorIndex
 from agents.keys import vset_key
 from agents.minhash import MinHasher, jaccard
 from agents.normalize import content_digest, normalize
-from agents.outcome import Coords, Outcome
+from agents.semantic import SemanticDedup
+from agents.step import Coords, Item, Outcome
+from schemas.embedding import decode_embedding
 from schemas.records import Candidate
 from sluice.settings import Settings
 from streams.connections import redis_client
@@ -46,7 +48,8 @@ def make_step(stack: Settings, embedder: Embedder) -> Iterator[Callable[..., Sem
 
     def make() -> SemanticDedup:
         clients.append(redis_client(stack.redis))
-        return SemanticDedup(stack, clients[-1], embedder=embedder, namespace=namespace)
+        return SemanticDedup(stack.dedup, embedder,
+                             VectorIndex(clients[-1], namespace, stack.dedup))
 
     yield make
     if clients:
@@ -55,22 +58,22 @@ def make_step(stack: Settings, embedder: Embedder) -> Iterator[Callable[..., Sem
         client.close()
 
 
-def candidate(event_id: str, text: str, label: str = "python") -> tuple[Candidate, Coords]:
+def candidate(event_id: str, text: str, label: str = "python") -> Item:
     """A Candidate as ingest makes it, with where it was read."""
     content = normalize(text)
-    return Candidate(
+    return Item(Candidate(
         id=event_id, source="stdlib", kind="CODE", language="python", label=label,
         content=content, timestamp=1_700_000_000_000, attributes={"path": event_id},
         digest=content_digest(content), quality_score=0.9, ingested_at=1_700_000_000_001,
         raw_partition=0, raw_offset=0,
-    ), Coords("sluice.candidates", 0, 0)
+    ), Coords("sluice.candidates", 0, 0))
 
 
-def run(step: SemanticDedup, items: list[tuple[Candidate, Coords]]) -> list[Outcome]:
+def run(step: SemanticDedup, items: list[Item]) -> list[Outcome]:
     """The step over micro-batches of BATCH, as the agent calls it."""
     out: list[Outcome] = []
     for start in range(0, len(items), BATCH):
-        out += step.process(items[start : start + BATCH])
+        out += step.run(items[start : start + BATCH])
     for outcome in out:
         encode("Rejection" if outcome.rejected else "CuratedSample", outcome.record)
     return out
@@ -125,7 +128,7 @@ def test_a_copy_in_the_same_micro_batch_as_its_original_is_caught(
     batch = []
     for cid, oid, original, text in copies:
         batch += [candidate(oid, original), candidate(cid, text)]
-    outcomes = step.process(batch)
+    outcomes = step.run(batch)
     assert decisions(outcomes) == [
         item for cid, oid, _, _ in copies
         for item in ((oid, None, None), (cid, "semantic_duplicate", oid))]
@@ -151,16 +154,17 @@ def test_a_replay_is_already_admitted_never_a_duplicate_of_itself(
 def test_samples_carry_their_embedding_and_candidate_fields(
         make_step: Callable[..., SemanticDedup], embedder: Embedder) -> None:
     step = make_step()
-    cand, coords = candidate("one", corpus(1)[0].text, label="docs")
-    [outcome] = step.process([(cand, coords)])
+    item = candidate("one", corpus(1)[0].text, label="docs")
+    cand = item.record
+    [outcome] = step.run([item])
     sample: dict[str, Any] = outcome.record
     assert not outcome.rejected
     for name in ("id", "source", "kind", "language", "label", "content", "timestamp",
                  "attributes", "digest", "quality_score"):
         assert sample[name] == cand[name], name
     assert sample["embedding_dim"] == embedder.dim == 384
-    assert sample["model"] == step.model_name
-    vector = from_f16_bytes(sample["embedding"], sample["embedding_dim"])
+    assert sample["model"] == step.settings.model
+    vector = decode_embedding(sample["embedding"], sample["embedding_dim"])
     expected = embedder.encode([cand["content"]])[0]
     assert float(np.dot(vector, expected)) > 0.999  # float16 on the wire
     assert sample["nearest_similarity"] is None  # the set was empty

@@ -13,9 +13,7 @@ from agents.embed import (
     PACKAGED_MODELS,
     Embedder,
     EmbedError,
-    from_f16_bytes,
     resolve_model,
-    to_f16_bytes,
 )
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -68,17 +66,6 @@ def test_chunked_embedding_sees_past_the_first_window(embedder: Embedder) -> Non
     assert float(np.prod(embedder.encode([first, second], max_chunks=1), axis=0).sum()) > 0.999
     # ...the chunk mean sees two different files.
     assert float(chunked[0] @ chunked[1]) < threshold - 0.2
-
-
-def test_f16_round_trip_is_little_endian_and_checked() -> None:
-    vec = np.array([1.0, -0.5, 0.25, 1e-3], dtype=np.float32)
-    data = to_f16_bytes(vec)
-    assert data == np.array(vec, dtype="<f2").tobytes() and len(data) == 8
-    back = from_f16_bytes(data, 4)
-    assert back.dtype == np.float32
-    np.testing.assert_allclose(back, vec, rtol=1e-3)
-    with pytest.raises(EmbedError, match="expected 6"):
-        from_f16_bytes(data, 3)
 
 
 def test_packaged_names_resolve_to_the_shipped_folder() -> None:

@@ -1,4 +1,5 @@
-"""The ingest step called directly (no Faust) with the session stack's Redis.
+"""The ingest stage's steps (``build_pipeline(stages=["ingest"])``) called directly (no
+Faust) with the session stack's Redis.
 
 Every class of bad input becomes a rejection with its reason; quality rejections name the
 rule and the threshold; a mixed batch yields one outcome per input, in order; exact and
@@ -14,9 +15,9 @@ from typing import Any
 import pytest
 import redis
 
-from agents.ingest import Ingest
 from agents.normalize import content_digest, normalize
-from agents.outcome import Coords, Incoming, Outcome
+from agents.pipeline import Pipeline, build_pipeline
+from agents.step import Coords, Item, Outcome
 from schemas.records import RawEvent
 from sluice.settings import Settings
 from streams.serde import encode
@@ -29,16 +30,16 @@ TOPIC = "raw-events"
 
 
 @pytest.fixture
-def ingest(stack: Settings, client: redis.Redis) -> Ingest:
-    """An Ingest on a fresh namespace, with a small event size limit."""
+def ingest(stack: Settings, client: redis.Redis) -> Pipeline:
+    """The ingest steps on a fresh namespace, with a small event size limit."""
     settings = stack.model_copy(update={
         "ingest": stack.ingest.model_copy(update={"max_event_bytes": MAX_EVENT_BYTES})})
-    return Ingest(settings, client, namespace=unique_id())
+    return build_pipeline(settings, client, stages=["ingest"], namespace=unique_id())
 
 
-def incoming(values: Sequence[tuple[bytes | None, bytes]], first_offset: int = 0) -> list[Incoming]:
-    """Messages as the agent builds them: key, value, and where they were read."""
-    return [Incoming(value, key, Coords(TOPIC, 0, first_offset + i))
+def incoming(values: Sequence[tuple[bytes | None, bytes]], first_offset: int = 0) -> list[Item]:
+    """Messages as the agent builds them: value, where they were read, and key."""
+    return [Item(value, Coords(TOPIC, 0, first_offset + i), key)
             for i, (key, value) in enumerate(values)]
 
 
@@ -104,8 +105,8 @@ def check_encodable(outcomes: list[Outcome]) -> None:
 @pytest.mark.parametrize(("reason", "key", "value"), bad_inputs(),
                          ids=[f"{r}-{(k or b'nokey').decode()}" for r, k, _ in bad_inputs()])
 def test_each_bad_input_class_is_a_rejection_with_its_reason(
-        ingest: Ingest, reason: str, key: bytes | None, value: bytes) -> None:
-    [outcome] = ingest.process(incoming([(key, value)], first_offset=41))
+        ingest: Pipeline, reason: str, key: bytes | None, value: bytes) -> None:
+    [outcome] = ingest.run(incoming([(key, value)], first_offset=41))
     check_encodable([outcome])
     record = outcome.record
     assert outcome.rejected
@@ -136,9 +137,9 @@ def test_each_bad_input_class_is_a_rejection_with_its_reason(
     ids=lambda v: v if isinstance(v, str) and len(v) < 40 else None,
 )
 def test_quality_rejections_name_the_rule_and_the_threshold(
-        ingest: Ingest, kind: str, content: str, rule: str, threshold: str) -> None:
+        ingest: Pipeline, kind: str, content: str, rule: str, threshold: str) -> None:
     event = raw_event(f"q-{rule}", content, kind=kind, label="docs" if kind == "TEXT" else "py")
-    [outcome] = ingest.process(incoming([avro(event)]))
+    [outcome] = ingest.run(incoming([avro(event)]))
     check_encodable([outcome])
     assert outcome.rejected
     assert outcome.reason == f"quality:{rule}"
@@ -149,7 +150,7 @@ def test_quality_rejections_name_the_rule_and_the_threshold(
     assert outcome.record["raw"] is None
 
 
-def test_a_mixed_batch_yields_one_outcome_per_input_in_order(ingest: Ingest) -> None:
+def test_a_mixed_batch_yields_one_outcome_per_input_in_order(ingest: Pipeline) -> None:
     bad = bad_inputs()
     goods = [good_code(i) for i in range(10, 10 + len(bad))]
     values: list[tuple[bytes | None, bytes]] = []
@@ -159,7 +160,7 @@ def test_a_mixed_batch_yields_one_outcome_per_input_in_order(ingest: Ingest) -> 
         expected.append((goods[i]["id"], None))
         values.append((key, value))
         expected.append((key.decode() if key else f"{TOPIC}-0-{len(values) - 1}", reason))
-    outcomes = ingest.process(incoming(values))
+    outcomes = ingest.run(incoming(values))
     check_encodable(outcomes)
     assert [(o.record["id"], o.reason) for o in outcomes] == expected
     # Each outcome names its own message: a candidate by raw_offset, a rejection by offset.
@@ -167,12 +168,12 @@ def test_a_mixed_batch_yields_one_outcome_per_input_in_order(ingest: Ingest) -> 
         assert outcome.record["raw_offset" if not outcome.rejected else "offset"] == offset
 
 
-def test_candidates_are_normalized_labelled_and_keep_their_lineage(ingest: Ingest) -> None:
+def test_candidates_are_normalized_labelled_and_keep_their_lineage(ingest: Pipeline) -> None:
     text = corpus(1, start=3)[0].text
     unlabeled = raw_event("", exact_edit(text))
     unlabeled["label"] = None
     labelled = good_code(4)
-    outcomes = ingest.process(incoming([avro(labelled), (None, as_json(dict(unlabeled)))],
+    outcomes = ingest.run(incoming([avro(labelled), (None, as_json(dict(unlabeled)))],
                                        first_offset=7))
     check_encodable(outcomes)
     first, second = (o.record for o in outcomes)
@@ -188,13 +189,13 @@ def test_candidates_are_normalized_labelled_and_keep_their_lineage(ingest: Inges
 
 
 def test_exact_and_minhash_copies_are_caught_in_one_batch_and_across_batches(
-        ingest: Ingest) -> None:
+        ingest: Pipeline) -> None:
     originals = corpus(4, start=20)
     first = [raw_event(f"orig-{i}", s.text) for i, s in enumerate(originals)]
     # In the same micro-batch as their originals: an exact and a whitespace copy of #0.
     same_batch = [raw_event("copy-exact-0", exact_edit(originals[0].text)),
                   raw_event("copy-ws-0", whitespace_edit(originals[0].text))]
-    outcomes = ingest.process(incoming([avro(e) for e in first + same_batch]))
+    outcomes = ingest.run(incoming([avro(e) for e in first + same_batch]))
     check_encodable(outcomes)
     assert [o.reason for o in outcomes] == [None] * 4 + ["exact_duplicate", "near_duplicate"]
     assert [o.record["duplicate_of"] for o in outcomes[4:]] == ["orig-0", "orig-0"]
@@ -203,13 +204,13 @@ def test_exact_and_minhash_copies_are_caught_in_one_batch_and_across_batches(
     # A later batch: copies of #1..#3 are caught against what Redis remembers.
     later = [raw_event(f"copy-exact-{i}", exact_edit(originals[i].text)) for i in (1, 2)]
     later.append(raw_event("copy-ws-3", whitespace_edit(originals[3].text)))
-    outcomes = ingest.process(incoming([avro(e) for e in later], first_offset=100))
+    outcomes = ingest.run(incoming([avro(e) for e in later], first_offset=100))
     assert [(o.reason, o.record["duplicate_of"]) for o in outcomes] == [
         ("exact_duplicate", "orig-1"), ("exact_duplicate", "orig-2"),
         ("near_duplicate", "orig-3")]
 
 
-def test_a_replay_gets_the_same_outcomes(ingest: Ingest) -> None:
+def test_a_replay_gets_the_same_outcomes(ingest: Pipeline) -> None:
     """Re-processing the same messages (a consumer restarted before its commit) changes no
     decision: an id already admitted is never a duplicate of itself."""
     originals = corpus(3, start=30)
@@ -217,9 +218,9 @@ def test_a_replay_gets_the_same_outcomes(ingest: Ingest) -> None:
     events.append(raw_event("r-copy", whitespace_edit(originals[0].text)))
     events.append(raw_event("r-exact", exact_edit(originals[1].text)))
     values = [avro(e) for e in events] + [(b"r-bad", b"\x00junk")]
-    first = ingest.process(incoming(values))
-    replay = ingest.process(incoming(values))
-    split = ingest.process(incoming(values[3:])) + ingest.process(incoming(values[:3]))
+    first = ingest.run(incoming(values))
+    replay = ingest.run(incoming(values))
+    split = ingest.run(incoming(values[3:])) + ingest.run(incoming(values[:3]))
 
     def decisions(outcomes: list[Outcome]) -> dict[str, tuple[Any, ...]]:
         return {o.record["id"]: (o.reason, o.record.get("duplicate_of") if o.rejected else None)

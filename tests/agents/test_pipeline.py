@@ -26,7 +26,7 @@ import pytest
 
 from agents.keys import vset_key
 from schemas.records import RawEvent
-from sluice.settings import Settings, load_settings
+from sluice.settings import Settings, load_settings, settings_env
 from streams.connections import redis_client
 from streams.topics import ensure_topics
 from tests.agents.pipeline_util import (
@@ -36,7 +36,6 @@ from tests.agents.pipeline_util import (
     Planted,
     Seen,
     corpus,
-    env_of,
     isolated,
     missing,
     one_decision,
@@ -53,7 +52,7 @@ pytestmark = pytest.mark.integration
 WAIT_S = 240.0  # a deadline for failures only: on two busy cores 60 events take ~30 s
 
 
-def test_env_of_makes_a_process_load_the_same_settings(monkeypatch: pytest.MonkeyPatch,
+def test_settings_env_makes_a_process_load_the_same_settings(monkeypatch: pytest.MonkeyPatch,
                                                       tmp_path: Path) -> None:
     base = load_settings(state_dir=str(tmp_path),
                          stack={"kafka_port": 19092, "controller_port": 19093,
@@ -63,7 +62,7 @@ def test_env_of_makes_a_process_load_the_same_settings(monkeypatch: pytest.Monke
                       fuzzy={"enabled": False}, dedup={"threshold": 0.95})
     for name in [k for k in os.environ if k.startswith("SLUICE_")]:
         monkeypatch.delenv(name)
-    for name, value in env_of(chosen).items():
+    for name, value in settings_env(chosen).items():
         monkeypatch.setenv(name, value)
     assert load_settings().model_dump() == chosen.model_dump()
 

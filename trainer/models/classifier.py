@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from schemas.embedding import decode_embedding
 from schemas.records import BatchSample
 from trainer.models.base import IGNORE, BatchError, ModelPlugin, Output, TrainBatch
 
@@ -120,8 +121,8 @@ class EmbeddingClassifier(ModelPlugin):
                     f"batch {batch_id}: sample {s['id']} has a {s['embedding_dim']}-dim embedding "
                     f"({len(s['embedding'])} bytes); the model takes {self.embedding_dim}"
                 )
-            rows.append(np.frombuffer(s["embedding"], dtype="<f2"))
-        x = torch.from_numpy(np.stack(rows).astype(np.float32))
+            rows.append(decode_embedding(s["embedding"], dim))
+        x = torch.from_numpy(np.stack(rows))
         ids, labels = [s["id"] for s in samples], [s["label"] for s in samples]
         return TrainBatch(batch_id, ids, labels, {"x": x})
 

@@ -1,0 +1,68 @@
+"""Exact dedup: the first event id to claim a normalized content digest keeps it.
+
+The store is ``ExactClaims`` (``SET digest id NX GET`` in Redis, one round trip per batch);
+the decision (``ExactDedup``) is pure given the owners the store returns, so it is unit
+tested with any ``Claims`` object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import redis
+
+from agents.keys import exact_key
+from agents.step import Item, Outcome, Step, rejection
+
+
+class Claims(Protocol):
+    """Claims digests: returns, per (digest, id), the id that owns the digest."""
+
+    def claim(self, pairs: Sequence[tuple[str, str]]) -> list[str]: ...
+
+
+class ExactClaims:
+    """Digest claims in Redis, shared by every worker of a namespace."""
+
+    def __init__(self, client: redis.Redis, namespace: str) -> None:
+        self.redis = client
+        self.namespace = namespace
+
+    def claim(self, pairs: Sequence[tuple[str, str]]) -> list[str]:
+        """``SET NX GET`` each digest: the first id to claim it keeps it; the same id
+        again (a replay) gets itself back."""
+        pipe = self.redis.pipeline(transaction=False)
+        for digest, event_id in pairs:
+            pipe.set(exact_key(self.namespace, digest), event_id, nx=True, get=True)
+        owners = []
+        for (_, event_id), owner in zip(pairs, pipe.execute(), strict=True):
+            if owner is None:
+                owners.append(event_id)
+            else:
+                owners.append(owner.decode() if isinstance(owner, bytes) else str(owner))
+        return owners
+
+
+class ExactDedup(Step):
+    """Candidates in; the same candidate, or an ``exact_duplicate`` of the digest's owner."""
+
+    name = "exact"
+    stage = "ingest"
+
+    def __init__(self, claims: Claims) -> None:
+        super().__init__()
+        self.claims = claims
+
+    def process(self, items: Sequence[Item]) -> list[Outcome]:
+        """One outcome per candidate, in input order."""
+        owners = self.claims.claim([(i.record["digest"], i.record["id"]) for i in items])
+        outcomes = []
+        for item, owner in zip(items, owners, strict=True):
+            cand = item.record
+            if owner == cand["id"]:
+                outcomes.append(Outcome(cand, rejected=False))
+            else:
+                outcomes.append(rejection(self.stage, "exact_duplicate", item.coords,
+                                          event=dict(cand), duplicate_of=owner, similarity=1.0))
+        return outcomes

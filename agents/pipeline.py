@@ -1,0 +1,101 @@
+"""The one composition of the curation steps, used by the Faust worker, ``sluice dedup``
+and every benchmark.
+
+A ``Pipeline`` is a plain list of filter steps run in order over a micro-batch: what a step
+rejects stops there, what it passes goes on to the next step, and ``run`` returns one
+``Outcome`` per input item, in input order. ``build_pipeline`` chooses the steps of the
+named stages from the settings, over stores in the Redis it is given:
+
+- ``ingest``: ``Validate`` → ``ExactDedup`` → ``FuzzyDedup`` (when ``fuzzy.enabled``);
+- ``dedup``: ``SemanticDedup`` (when ``dedup.enabled``; else ``PassSemantic``, and no
+  model is loaded).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import redis
+
+from agents.config import AGENTS, Curation
+from agents.exact import ExactClaims, ExactDedup
+from agents.fuzzy import FuzzyDedup, FuzzyIndex
+from agents.index import VectorIndex
+from agents.semantic import Encoder, PassSemantic, SemanticDedup
+from agents.step import Item, Outcome, Step
+from agents.validate import Validate
+from schemas.errors import SluiceError
+
+#: The stages a pipeline composes, in stream order (balance and feedback are sinks).
+STAGES = AGENTS[:2]
+
+
+class Pipeline:
+    """Filter steps run in order; one outcome per item: its first rejection, or what the
+    last step passed on."""
+
+    def __init__(self, steps: Sequence[Step]) -> None:
+        self.steps = list(steps)
+
+    def run(self, items: Sequence[Item]) -> list[Outcome]:
+        """Every item through the steps; outcomes in input order."""
+        decided: list[Outcome | None] = [None] * len(items)
+        alive = list(range(len(items)))
+        current = list(items)
+        for step in self.steps:
+            if not current:
+                break
+            outcomes = step.run(current)
+            if len(outcomes) != len(current):
+                raise SluiceError(f"step {step.name} returned {len(outcomes)} outcomes for "
+                                  f"{len(current)} items")
+            passed, passed_items = [], []
+            for index, item, outcome in zip(alive, current, outcomes, strict=True):
+                if outcome.rejected:
+                    decided[index] = outcome
+                else:
+                    passed.append(index)
+                    passed_items.append(Item(outcome.record, item.coords, item.key))
+            alive, current = passed, passed_items
+        for index, item in zip(alive, current, strict=True):
+            decided[index] = Outcome(item.record, rejected=False)
+        return [outcome for outcome in decided if outcome is not None]
+
+    def seconds(self) -> dict[str, float]:
+        """Time spent per step and timed part, since the pipeline was built."""
+        return {part: s for step in self.steps for part, s in step.seconds.items()}
+
+
+def build_pipeline(config: Curation, client: redis.Redis, *,
+                   stages: Sequence[str] = STAGES, namespace: str | None = None,
+                   embedder: Encoder | None = None) -> Pipeline:
+    """The steps of ``stages`` (in stream order) over stores in ``client``'s Redis.
+
+    ``namespace`` overrides ``redis.namespace``; ``embedder`` reuses a loaded model (the
+    benchmarks and tests), else the ``dedup`` stage loads it now, so a missing model fails
+    before anything is consumed.
+    """
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise SluiceError(f"unknown stage(s) {', '.join(sorted(unknown))}; "
+                          f"choose from {', '.join(STAGES)}")
+    ns = namespace or config.redis.namespace
+    steps: list[Step] = []
+    if "ingest" in stages:
+        steps += [Validate(config.ingest), ExactDedup(ExactClaims(client, ns))]
+        if config.fuzzy.enabled:
+            steps.append(FuzzyDedup(config.fuzzy, FuzzyIndex(client, ns, config.fuzzy)))
+    if "dedup" in stages:
+        if config.dedup.enabled:
+            steps.append(SemanticDedup(config.dedup, embedder or load_embedder(config),
+                                       VectorIndex(client, ns, config.dedup)))
+        else:
+            steps.append(PassSemantic())
+    return Pipeline(steps)
+
+
+def load_embedder(config: Curation) -> Encoder:
+    """The configured embedding model, loaded now (it checks its dependencies at once)."""
+    from agents.embed import Embedder  # torch and sentence-transformers: only when needed
+
+    return Embedder(config.dedup, threads=config.dedup.torch_threads or None)

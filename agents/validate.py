@@ -1,0 +1,73 @@
+"""The validate step: decode → validate → normalize → score quality.
+
+The first step of ingest: a raw ``raw-events`` message in, a ``Candidate`` (normalized
+content, quality score, content digest) or a rejection out. Pure: no store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from agents.config import IngestSettings
+from agents.normalize import content_digest, derive_id, normalize
+from agents.quality import QualityFilter
+from agents.step import Item, Outcome, Step, now_ms, rejection
+from schemas.records import Candidate, RawEvent
+from streams.serde import DecodeError, decode_raw_event
+
+UNLABELED = "unlabeled"
+
+
+class Validate(Step):
+    """Raw bytes in; a ``Candidate`` or an ``invalid:*`` / ``quality:*`` rejection out."""
+
+    name = "validate"
+    stage = "ingest"
+
+    def __init__(self, settings: IngestSettings) -> None:
+        super().__init__()
+        self.settings = settings
+        self.quality = QualityFilter(settings)
+
+    def process(self, items: Sequence[Item]) -> list[Outcome]:
+        """One outcome per message, in input order."""
+        return [self._decide(item) for item in items]
+
+    def _decide(self, item: Item) -> Outcome:
+        try:
+            event = decode_raw_event(item.record, self.settings.max_event_bytes)
+        except DecodeError as exc:
+            return rejection(self.stage, f"invalid:{exc.reason}", item.coords,
+                             event_id=_key_text(item.key), detail=exc.detail, raw=item.record)
+        content = normalize(event["content"])
+        verdict = self.quality.check(content, event["kind"])
+        candidate = _candidate(event, content, content_digest(content), verdict.score, item)
+        if not verdict.passed:
+            return rejection(self.stage, verdict.reason or "quality", item.coords,
+                             event=dict(candidate), detail=verdict.detail)
+        return Outcome(candidate, rejected=False)
+
+
+def _key_text(key: bytes | None) -> str | None:
+    if not key:
+        return None
+    return key.decode("utf-8", errors="replace")
+
+
+def _candidate(event: RawEvent, content: str, digest: str, score: float,
+               item: Item) -> Candidate:
+    return Candidate(
+        id=event["id"] or derive_id(digest),
+        source=event["source"],
+        kind=event["kind"],
+        language=event["language"],
+        label=event["label"] or UNLABELED,
+        content=content,
+        timestamp=event["timestamp"],
+        attributes=dict(event.get("attributes") or {}),
+        digest=digest,
+        quality_score=float(score),
+        ingested_at=now_ms(),
+        raw_partition=item.coords.partition,
+        raw_offset=item.coords.offset,
+    )
