@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from schemas.records import Rejection
+from streams.metrics import IN, OUT, REJECTED, rejected
 
 # Raw bytes kept in a rejection at most (an oversized event is cut, not carried whole).
 MAX_RAW_IN_REJECTION = 64 * 1024
@@ -116,13 +117,13 @@ class Step(ABC):
         tick = time.perf_counter()
         outcomes = self.process(items) if items else []
         self.seconds[self.name] += time.perf_counter() - tick
-        self.counters["in"] += len(items)
+        self.counters[IN] += len(items)
         for outcome in outcomes:
             if outcome.rejected:
-                self.counters["rejected"] += 1
-                self.counters[f"rejected.{outcome.reason}"] += 1
+                self.counters[REJECTED] += 1
+                self.counters[rejected(str(outcome.reason))] += 1
             else:
-                self.counters["out"] += 1
+                self.counters[OUT] += 1
         return outcomes
 
     @abstractmethod

@@ -20,7 +20,6 @@ from agents.buffers import ClassBuffers, buffers_for
 from agents.config import AGENTS, Curation
 from agents.feedback import Feedback, LossStore
 from agents.index import VectorIndex
-from agents.metrics import StageMetrics
 from agents.pipeline import build_pipeline
 from agents.policy import label_for
 from agents.runner import Runner, item_of, send_outcomes
@@ -29,6 +28,21 @@ from schemas.errors import SluiceError
 from schemas.records import CuratedBatch
 from streams.app import Topics, create_app
 from streams.connections import redis_client
+from streams.metrics import (
+    BATCHES,
+    INDEX_SIZE,
+    OUT,
+    SnapshotCollector,
+    StageMetrics,
+    buffer_fill,
+    class_difficulty,
+    class_in,
+    class_out,
+    class_weight,
+    evicted,
+    share_ema,
+    share_target,
+)
 
 
 def build_worker(config: Curation, agents: Sequence[str] = AGENTS) -> faust.App:
@@ -61,8 +75,6 @@ def build_worker(config: Curation, agents: Sequence[str] = AGENTS) -> faust.App:
 def _expose_prometheus(app: faust.App, metrics: dict[str, StageMetrics]) -> None:
     """``GET /metrics`` on the worker's web server, in Prometheus text format."""
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-
-    from agents.prometheus import SnapshotCollector
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SnapshotCollector(lambda: [m.snapshot() for m in metrics.values()]))
@@ -106,7 +118,7 @@ def _declare_dedup(app: faust.App, topics: Topics, config: Curation, client: red
             await send_outcomes(outcomes, topics.samples, topics.rejected)
             metrics.count_outcomes(outcomes, (item.record["timestamp"] for item in batch))
             metrics.add_seconds(pipeline.seconds())
-            metrics.gauges["index.size"] = float(await run(lambda _: index.size(), None))
+            metrics.gauges[INDEX_SIZE] = float(await run(lambda _: index.size(), None))
 
 
 def _declare_balance(app: faust.App, topics: Topics, config: Curation, client: redis.Redis,
@@ -134,7 +146,7 @@ def _declare_balance(app: faust.App, topics: Topics, config: Curation, client: r
         async for _ in stream:
             item = item_of(stream.current_event)  # type: ignore[arg-type]
             metrics.count_in()
-            metrics.counters[f"in.label.{item.record['label']}"] += 1
+            metrics.counters[class_in(item.record['label'])] += 1
             key = str(item.coords.partition)
             step, batches = await run(balance_one, (item, dict(table[key])))
             table[key] = step.state  # reassigned: only assignment reaches the changelog
@@ -147,24 +159,24 @@ def _declare_balance(app: faust.App, topics: Topics, config: Curation, client: r
 
 def _batch_metrics(metrics: StageMetrics, batch: CuratedBatch, sizes: dict[str, int],
                    evictions: dict[str, int]) -> None:
-    metrics.counters["out"] += len(batch["samples"])
-    metrics.counters["batches"] += 1
+    metrics.counters[OUT] += len(batch["samples"])
+    metrics.counters[BATCHES] += 1
     for sample in batch["samples"]:
-        metrics.counters[f"out.label.{sample['label']}"] += 1
+        metrics.counters[class_out(sample['label'])] += 1
         if sample["replay"]:
             metrics.counters["out.replay"] += 1
     for label, share in batch["class_shares"].items():
-        metrics.gauges[f"share.ema.{label}"] = share
+        metrics.gauges[share_ema(label)] = share
     for label, share in batch["target_shares"].items():
-        metrics.gauges[f"share.target.{label}"] = share
+        metrics.gauges[share_target(label)] = share
     for label, factor in batch["difficulty"].items():
-        metrics.gauges[f"difficulty.{label}"] = factor
+        metrics.gauges[class_difficulty(label)] = factor
     for sample in batch["samples"]:
-        metrics.gauges[f"weight.{sample['label']}"] = sample["weight"]
+        metrics.gauges[class_weight(sample['label'])] = sample["weight"]
     for label, size in sizes.items():
-        metrics.gauges[f"buffer.{label}"] = float(size)
+        metrics.gauges[buffer_fill(label)] = float(size)
     for label, n in evictions.items():
-        metrics.counters[f"evicted.{label}"] = int(n)
+        metrics.counters[evicted(label)] = int(n)
 
 
 def _declare_feedback(app: faust.App, topics: Topics, config: Curation, client: redis.Redis,
@@ -186,13 +198,13 @@ def _declare_feedback(app: faust.App, topics: Topics, config: Curation, client: 
             metrics.count_in()
             (outcome,) = await run(step.run, [item_of(stream.current_event)])  # type: ignore[arg-type]
             result = outcome.record
-            metrics.counters["out"] += 1
+            metrics.counters[OUT] += 1
             metrics.counters["hard"] += result["hard"]
             metrics.counters["replay.queued"] += result["queued"]
             if math.isfinite(result["threshold"]):
                 metrics.gauges["hard.threshold"] = result["threshold"]
             for label, factor in result["difficulty"].items():
-                metrics.gauges[f"difficulty.{label}"] = factor
+                metrics.gauges[class_difficulty(label)] = factor
 
 
 _DECLARE: dict[str, Callable[[faust.App, Topics, Curation, redis.Redis, StageMetrics], None]] = {

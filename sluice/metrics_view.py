@@ -10,11 +10,14 @@ web dashboard and ``sluice monitor``, tested without Kafka. The rules:
   instances.
 - A gauge comes only from instances that published recently ("fresh"); instances are
   combined by ``GAUGE_RULES`` (latency: the worst instance; trainer step: the furthest; ...).
-- Class shares compare what the balancer received (``balance`` ``in.label.*``; ``ingest``
-  ``out.label.*`` when no balancer runs) with what it put into batches (``balance``
-  ``out.label.*``).
+- Class shares compare what the balancer received (``balance`` ``class_in``; ``ingest``
+  ``class_out`` when no balancer runs) with what it put into batches (``balance``
+  ``class_out``).
 - The duplicate rate is the share of the events entering the pipeline (ingest ``in``) that
   were rejected as ``*_duplicate`` (exact, near, semantic).
+
+Metric names are built and parsed only by ``streams.metrics``; functions here that take a
+``prefix`` take the ``prefix`` of one of its ``Names``.
 """
 
 from __future__ import annotations
@@ -27,12 +30,27 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
 
+from agents.config import AGENTS
 from schemas.records import MetricSnapshot
+from streams.metrics import (
+    BATCHES,
+    IN,
+    INDEX_SIZE,
+    LATENCY_QUANTILES,
+    OUT,
+    REJECTED,
+    Names,
+    buffer_fill,
+    class_in,
+    class_out,
+    evaluation,
+    latency_ms,
+    rejected,
+    share_target,
+)
 
 Key = tuple[str, str]  # (component, instance)
-STAGES = ("ingest", "dedup", "balance", "feedback")  # pipeline order, for display
 TRAINER = "trainer"
-QUANTILES = ("p50", "p95", "p99")
 TRAINER_GAUGES = ("step", "loss", "accuracy", "samples_per_s", "data_wait_share", "lag", "lr")
 
 
@@ -97,14 +115,14 @@ def component_rate(histories: Histories, component: str, name: str, start: float
 def labelled_rates(histories: Histories, component: str, prefix: str, start: float,
                    end: float) -> dict[str, float]:
     """Per-second rate of every counter ``<prefix><label>`` of ``component``, by label."""
-    names = {name for (comp, _), samples in histories.items() if comp == component
-             for s in window(samples, start, end) for name in s.counters
-             if name.startswith(prefix)}
+    names = Names(prefix)
+    labels = {label for (comp, _), samples in histories.items() if comp == component
+              for s in window(samples, start, end) for label in names.of(s.counters)}
     out = {}
-    for name in sorted(names):
-        rate = component_rate(histories, component, name, start, end)
+    for label in sorted(labels):
+        rate = component_rate(histories, component, names(label), start, end)
         if rate is not None:
-            out[name[len(prefix):]] = rate
+            out[label] = rate
     return out
 
 
@@ -119,8 +137,7 @@ def totals(histories: Histories, component: str) -> Counter[str]:
 
 def labelled(counters: Mapping[str, float], prefix: str) -> dict[str, float]:
     """``{label: value}`` for the counters or gauges named ``<prefix><label>``."""
-    return {name[len(prefix):]: float(v) for name, v in sorted(counters.items())
-            if name.startswith(prefix)}
+    return {label: float(v) for label, v in Names(prefix).of(counters).items()}
 
 
 def shares(counts: Mapping[str, float]) -> dict[str, float]:
@@ -139,12 +156,12 @@ def _mean(values: list[float]) -> float:
 
 # How the instances of one component combine, by gauge-name prefix (first match wins).
 GAUGE_RULES: tuple[tuple[str, Callable[[list[float]], float]], ...] = (
-    ("latency_ms.", max),      # the slowest instance is what a user waits for
-    ("step", max),             # ranks advance together; the furthest is the step
+    (latency_ms.prefix, max),   # the slowest instance is what a user waits for
+    ("step", max),              # ranks advance together; the furthest is the step
     ("samples_per_s", sum),
-    ("lag", sum),              # each trainer rank reads its own partitions
-    ("buffer.", sum),          # buffers are per partition
-    ("index.size", max),       # one shared index, every instance sees it whole
+    ("lag", sum),               # each trainer rank reads its own partitions
+    (buffer_fill.prefix, sum),  # buffers are per partition
+    (INDEX_SIZE, max),          # one shared index, every instance sees it whole
     ("", _mean),
 )
 
@@ -184,8 +201,8 @@ def _last_before(samples: Sequence[Sample], t: float) -> Sample | None:
 def components(histories: Histories) -> list[str]:
     """Components present, pipeline stages first in flow order, the trainer last."""
     present = {comp for comp, _ in histories}
-    ordered = [c for c in STAGES if c in present]
-    ordered += sorted(present - set(STAGES) - {TRAINER})
+    ordered = [c for c in AGENTS if c in present]  # stream order
+    ordered += sorted(present - set(AGENTS) - {TRAINER})
     if TRAINER in present:
         ordered.append(TRAINER)
     return ordered
@@ -201,9 +218,9 @@ def raw_source(histories: Histories) -> tuple[str, str] | None:
     """(component, counter prefix) of the class counts before balancing."""
     present = {comp for comp, _ in histories}
     if "balance" in present:
-        return "balance", "in.label."
+        return "balance", class_in.prefix
     if "ingest" in present:
-        return "ingest", "out.label."
+        return "ingest", class_out.prefix
     return None
 
 
@@ -275,10 +292,11 @@ class View:
                 "fresh": sum(1 for s in mine if now - s[-1].t <= self.stale_s),
                 "age_s": _r(now - max(s[-1].t for s in mine), 3),
             }
-            for name in ("in", "out", "rejected"):
+            for name in (IN, OUT, REJECTED):
                 row[name] = int(tot.get(name, 0))
                 row[f"{name}_per_s"] = _r(component_rate(histories, comp, name, start, now))
-            row["latency_ms"] = {q: _r(gauges.get(f"latency_ms.{q}")) for q in QUANTILES}
+            row["latency_ms"] = {f"p{q}": _r(gauges.get(latency_ms(q)))
+                                 for q in LATENCY_QUANTILES}
             rows.append(row)
         return rows
 
@@ -286,13 +304,13 @@ class View:
         """Per rejection reason: where, total, rate, share of the events that entered."""
         start = now - self.window_s
         entry = entry_component(histories)
-        entered = totals(histories, entry).get("in", 0) if entry else 0
+        entered = totals(histories, entry).get(IN, 0) if entry else 0
         rows: list[dict[str, Any]] = []
         for comp in components(histories):
             if comp == TRAINER:
                 continue
-            rates = labelled_rates(histories, comp, "rejected.", start, now)
-            for reason, total in labelled(totals(histories, comp), "rejected.").items():
+            rates = labelled_rates(histories, comp, rejected.prefix, start, now)
+            for reason, total in labelled(totals(histories, comp), rejected.prefix).items():
                 rows.append({"reason": reason, "component": comp, "total": int(total),
                              "per_s": _r(rates.get(reason)),
                              "share": _r(total / entered) if entered else None})
@@ -302,10 +320,10 @@ class View:
     def duplicate_summary(self, histories: Histories, now: float) -> dict[str, Any]:
         """Duplicates as a share of the events that entered: overall and by layer."""
         entry = entry_component(histories)
-        entered = totals(histories, entry).get("in", 0) if entry else 0
+        entered = totals(histories, entry).get(IN, 0) if entry else 0
         by_reason: dict[str, int] = {}
         for comp in components(histories):
-            for reason, total in labelled(totals(histories, comp), "rejected.").items():
+            for reason, total in labelled(totals(histories, comp), rejected.prefix).items():
                 if reason.endswith("_duplicate"):
                     by_reason[reason] = by_reason.get(reason, 0) + int(total)
         found = sum(by_reason.values())
@@ -319,9 +337,10 @@ class View:
         (shares over all counted so far)."""
         source = raw_source(histories)
         raw = shares(labelled(totals(histories, source[0]), source[1])) if source else {}
-        curated = shares(labelled(totals(histories, "balance"), "out.label."))
+        curated = shares(labelled(totals(histories, "balance"), class_out.prefix))
         gauges = gauges_at(histories, "balance", now, self.stale_s)
-        target, buffered = labelled(gauges, "share.target."), labelled(gauges, "buffer.")
+        target = labelled(gauges, share_target.prefix)
+        buffered = labelled(gauges, buffer_fill.prefix)
         names = sorted(set(raw) | set(curated) | set(target))
         return [{"label": n, "raw": _r(raw.get(n)), "curated": _r(curated.get(n)),
                  "target": _r(target.get(n)), "buffer": _r(buffered.get(n))}
@@ -338,9 +357,9 @@ class View:
         row: dict[str, Any] = {name: _r(gauges.get(name)) for name in TRAINER_GAUGES}
         tot = totals(histories, TRAINER)
         row["samples"] = int(tot.get("samples", 0))
-        row["batches"] = int(tot.get("batches", 0))
+        row["batches"] = int(tot.get(BATCHES, 0))
         row["age_s"] = _r(now - latest_t, 3)
-        row["evals"] = {k: _r(v) for k, v in labelled(gauges, "eval.").items()}
+        row["evals"] = {k: _r(v) for k, v in labelled(gauges, evaluation.prefix).items()}
         return row
 
     def series(self, histories: Histories, now: float,
@@ -354,19 +373,20 @@ class View:
 
         def throughput(t: float) -> dict[str, float]:
             rates = {f"{c} {n}": component_rate(histories, c, n, t - w, t)
-                     for c in stages for n in ("in", "out")}
+                     for c in stages for n in (IN, OUT)}
             return {k: v for k, v in rates.items() if v is not None}
 
         def latency(t: float) -> dict[str, float]:
             out: dict[str, float] = {}
             for c in stages:
                 gauges = gauges_at(histories, c, t, self.stale_s)
-                out.update({f"{c} {q}": gauges[f"latency_ms.{q}"] for q in QUANTILES
-                            if f"latency_ms.{q}" in gauges})
+                out.update({f"{c} p{q}": gauges[latency_ms(q)] for q in LATENCY_QUANTILES
+                            if latency_ms(q) in gauges})
             return out
 
         def rejections(t: float) -> dict[str, float]:
-            return _merge(labelled_rates(histories, c, "rejected.", t - w, t) for c in stages)
+            return _merge(labelled_rates(histories, c, rejected.prefix, t - w, t)
+                          for c in stages)
 
         source = raw_source(histories)
 
@@ -376,7 +396,7 @@ class View:
             return shares(labelled_rates(histories, source[0], source[1], t - w, t))
 
         def share_curated(t: float) -> dict[str, float]:
-            return shares(labelled_rates(histories, "balance", "out.label.", t - w, t))
+            return shares(labelled_rates(histories, "balance", class_out.prefix, t - w, t))
 
         def training(t: float) -> dict[str, float]:
             gauges = gauges_at(histories, TRAINER, t, self.stale_s)
@@ -399,10 +419,10 @@ class View:
         w = self.window_s
 
         def at(t: float) -> dict[str, float]:
-            entered = component_rate(histories, entry, "in", t - w, t) if entry else None
+            entered = component_rate(histories, entry, IN, t - w, t) if entry else None
             if not entered:
                 return {}
-            dup = {k: v for k, v in _merge(labelled_rates(histories, c, "rejected.", t - w, t)
+            dup = {k: v for k, v in _merge(labelled_rates(histories, c, rejected.prefix, t - w, t)
                                            for c in stages).items()
                    if k.endswith("_duplicate")}
             result = {k: v / entered for k, v in dup.items()}

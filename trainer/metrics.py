@@ -1,5 +1,6 @@
-"""The trainer's counters and gauges: ``MetricSnapshot``s for ``sluice.metrics`` and a
-Prometheus endpoint (names prefixed ``sluice_trainer_``), both read from one place.
+"""The trainer's part of the metrics (``streams.metrics`` holds the rest): ``MetricSnapshot``s
+for ``sluice.metrics`` and a Prometheus endpoint (names prefixed ``sluice_trainer_``), both
+read from one place.
 
 Gauges over "the last interval" (loss, accuracy, samples/s, data-wait share) are computed
 from what happened since the previous snapshot, so a dashboard sees the trainer now, not
@@ -8,22 +9,21 @@ its average since start.
 
 from __future__ import annotations
 
-import os
-import re
-import socket
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from schemas.records import MetricSnapshot
+from streams.metrics import Exposition, SnapshotCollector, StageMetrics, instance_name
 from trainer.errors import TrainerError
 
+COMPONENT = "trainer"
 PREFIX = "sluice_trainer_"
+# One metric per name, labelled with the trainer's labels (model, rank), no component label.
+EXPOSITION = Exposition(prefix=PREFIX, component_label=False, snapshot_labels=True)
 
 
 @dataclass
@@ -41,18 +41,19 @@ class TrainerMetrics:
     """Totals (``counters``) and current values (``gauges``) of one trainer process."""
 
     def __init__(self, labels: dict[str, str] | None = None) -> None:
-        self.instance = f"{socket.gethostname()}:{os.getpid()}"
-        self.labels = dict(labels or {})
-        self.counters: dict[str, int] = {}
-        self.gauges: dict[str, float] = {}
-        self._lock = threading.Lock()
+        self._metrics = StageMetrics(COMPONENT, labels)
+        self.instance = instance_name()
+        self.labels = self._metrics.labels
+        self.counters = self._metrics.counters
+        self.gauges = self._metrics.gauges
+        self._lock = threading.Lock()  # the Prometheus endpoint reads from its own thread
         self._window = _Window(time.perf_counter(), 0.0)
         self._server: Any = None
 
     def count(self, name: str, n: int = 1) -> None:
         """Add ``n`` to counter ``name``."""
         with self._lock:
-            self.counters[name] = self.counters.get(name, 0) + n
+            self.counters[name] += n
 
     def set_counter(self, name: str, value: int) -> None:
         """Set a total kept elsewhere (the step, the source's record count)."""
@@ -73,7 +74,7 @@ class TrainerMetrics:
             w.loss_n += 1
             w.correct += correct
             w.positions += positions
-            self.counters["samples"] = self.counters.get("samples", 0) + samples
+            self.counters["samples"] += samples
 
     def snapshot(self, wait_s: float) -> MetricSnapshot:
         """Close the current window (``wait_s``: total data-wait so far) and report."""
@@ -88,21 +89,19 @@ class TrainerMetrics:
             if w.positions:
                 self.gauges["accuracy"] = w.correct / w.positions
             self._window = _Window(now, wait_s)
-            return MetricSnapshot(
-                component="trainer",
-                instance=self.instance,
-                timestamp=int(time.time() * 1000),
-                counters=dict(self.counters),
-                gauges=dict(self.gauges),
-                labels=dict(self.labels),
-            )
+            return self._metrics.snapshot()
+
+    def current(self) -> MetricSnapshot:
+        """The numbers as they are now, without closing the window (what a scrape reads)."""
+        with self._lock:
+            return self._metrics.snapshot()
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> int:
         """Expose the metrics for Prometheus on ``port`` (0: do nothing); returns the port."""
         if port == 0:
             return 0
         registry = CollectorRegistry(auto_describe=True)
-        registry.register(_Collector(self))
+        registry.register(SnapshotCollector(lambda: [self.current()], EXPOSITION))
         try:
             self._server, _ = start_http_server(port, addr=addr, registry=registry)
         except OSError as exc:
@@ -119,28 +118,4 @@ class TrainerMetrics:
 
 def prometheus_name(name: str) -> str:
     """``eval.macro_f1`` → ``sluice_trainer_eval_macro_f1``."""
-    return PREFIX + re.sub(r"[^a-zA-Z0-9_]", "_", name)
-
-
-class _Collector:
-    """Reads the current counters and gauges at scrape time."""
-
-    def __init__(self, metrics: TrainerMetrics) -> None:
-        self.metrics = metrics
-
-    def collect(self) -> Iterator[Metric]:
-        m = self.metrics
-        with m._lock:
-            counters, gauges = dict(m.counters), dict(m.gauges)
-        label_names = sorted(m.labels)
-        label_values = [m.labels[k] for k in label_names]
-        for name, value in sorted(counters.items()):
-            counter = CounterMetricFamily(prometheus_name(name), f"trainer total {name}",
-                                          labels=label_names)
-            counter.add_metric(label_values, value)
-            yield counter
-        for name, level in sorted(gauges.items()):
-            gauge = GaugeMetricFamily(prometheus_name(name), f"trainer gauge {name}",
-                                      labels=label_names)
-            gauge.add_metric(label_values, level)
-            yield gauge
+    return EXPOSITION.metric_name(name)

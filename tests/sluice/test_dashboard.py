@@ -226,7 +226,7 @@ def test_grafana_dashboard_queries_metrics_that_exist() -> None:
     """Every metric a panel queries is one the workers' or the trainer's /metrics renders."""
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from agents.prometheus import SnapshotCollector
+    from streams.metrics import SnapshotCollector
     from trainer.metrics import prometheus_name
 
     snapshots = history(time.time(), minutes=0.5)
