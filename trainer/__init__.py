@@ -1,11 +1,11 @@
 """The continuously training PyTorch consumer of curated batches.
 
 ``KafkaBatchSource`` (a resumable ``IterableDataset`` over ``curated-batches``), model
-plugins (``trainer.models``), atomic checkpoints (``trainer.checkpoint``) and the loop
-(``trainer.loop.train``); ``trainer.cli.train`` is the ``sluice train`` command.
+plugins (``trainer.models``), atomic checkpoints (``trainer.checkpoint``), what a run
+carries and saves (``trainer.run_state``) and the loop (``trainer.loop.train``, configured
+by ``trainer.config.TrainerSettings``); the ``sluice train`` command lives in the shell
+(``sluice.train``).
+
+Nothing is imported here: the composed settings import ``trainer.config``, and a curation
+worker must not pay for torch.
 """
-
-from trainer.errors import CheckpointError, PluginError, TrainerError
-from trainer.source import KafkaBatchSource, SourcedBatch
-
-__all__ = ["CheckpointError", "KafkaBatchSource", "PluginError", "SourcedBatch", "TrainerError"]
