@@ -10,16 +10,28 @@ reassigns the table value from it afterwards.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from agents.buffers import ClassBuffers
 from agents.compose import allocate_with_credit, assemble_batch, batch_order
 from agents.config import BalanceSettings
 from agents.policy import label_for, targets_for
 from agents.stats import ClassEMA
 from agents.step import Item, Outcome, Step, now_ms
 from schemas.records import CuratedBatch, CuratedSample
+
+
+class Buffers(Protocol):
+    """One partition's class buffers (``agents.buffers.ClassBuffers``)."""
+
+    partition: int
+
+    def add(self, sample: Mapping[str, Any]) -> bool: ...
+    def draw(self, counts: Mapping[str, int], exclude: Sequence[str] = ...
+             ) -> list[dict[str, Any]]: ...
+    def pop_replay(self, n: int) -> list[dict[str, Any]]: ...
+    def sizes(self) -> dict[str, int]: ...
+    def evictions(self) -> dict[str, int]: ...
 
 
 class Difficulty(Protocol):
@@ -37,7 +49,7 @@ class Balance(Step):
 
     name = "balance"
 
-    def __init__(self, settings: BalanceSettings, buffers: ClassBuffers,
+    def __init__(self, settings: BalanceSettings, buffers: Buffers,
                  losses: Difficulty) -> None:
         super().__init__()
         self.settings = settings

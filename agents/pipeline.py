@@ -63,7 +63,11 @@ class Pipeline:
 
     def seconds(self) -> dict[str, float]:
         """Time spent per step and timed part, since the pipeline was built."""
-        return {part: s for step in self.steps for part, s in step.seconds.items()}
+        total: dict[str, float] = {}
+        for step in self.steps:
+            for part, seconds in step.seconds.items():
+                total[part] = total.get(part, 0.0) + seconds
+        return total
 
 
 def build_pipeline(config: Curation, client: redis.Redis, *,
@@ -75,6 +79,8 @@ def build_pipeline(config: Curation, client: redis.Redis, *,
     benchmarks and tests), else the ``dedup`` stage loads it now, so a missing model fails
     before anything is consumed.
     """
+    if isinstance(stages, str):
+        raise SluiceError(f"stages must be a list of names, not the string {stages!r}")
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise SluiceError(f"unknown stage(s) {', '.join(sorted(unknown))}; "

@@ -10,6 +10,7 @@ conversion back to variables, for the processes sluice starts.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -169,6 +170,8 @@ def load_settings(config: Path | str | None = None, **overrides: Any) -> Setting
 def _env_text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, list | dict | tuple):
+        return json.dumps(value)  # pydantic-settings parses complex values as JSON
     return str(value)
 
 
@@ -177,8 +180,8 @@ def _diff(value: Any, default: Any, path: tuple[str, ...]) -> Iterator[tuple[str
         for name in type(value).model_fields:
             yield from _diff(getattr(value, name), getattr(default, name, None), (*path, name))
     elif value != default:
-        if value is None or isinstance(value, list | dict | tuple):
-            raise SettingsError(f"setting {'.'.join(path)}={value!r} cannot be passed to a "
+        if value is None:
+            raise SettingsError(f"setting {'.'.join(path)}=None cannot be passed to a "
                                 "child process as a variable")
         yield "SLUICE_" + "__".join(p.upper() for p in path), _env_text(value)
 

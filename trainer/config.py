@@ -1,13 +1,15 @@
 """Settings of the continuously training consumer.
 
-``TrainerConfig`` is the shape of the composed settings the trainer reads;
+``TrainerSettings`` is everything one run reads, with its default: the ``trainer`` section
+of the TOML file and the ``SLUICE_TRAINER__*`` variables, and the flags of ``sluice train``
+as overrides. ``TrainerConfig`` is the shape of the composed settings the trainer reads;
 ``sluice.settings`` builds it, so the trainer never imports the shell (nor curation).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from pydantic import Field
 
@@ -15,13 +17,20 @@ from streams.config import KafkaSettings, MetricsSettings, Section, TopicSetting
 
 
 class TrainerSettings(Section):
-    """The continuously training consumer."""
+    """The continuously training consumer: one run of ``trainer.loop.train``."""
 
-    model: str = "embedding-classifier"
-    group_id: str = "sluice-trainer"
-    checkpoint_dir: Path | None = Field(None, description="default: <state_dir>/checkpoints")
-    checkpoint_every: int = Field(100, ge=1)
-    keep_checkpoints: int = Field(3, ge=1)
+    # -- the model --------------------------------------------------------------------------
+    model: str | None = Field(None, description="model plugin: embedding-classifier, byte-lm "
+                              "or module:factory; unset: the checkpoint's model, else "
+                              "embedding-classifier (a set model must match the checkpoint's)")
+    model_options: dict[str, Any] = Field(
+        default_factory=dict, description="keywords of the model's factory for a fresh model "
+        "(a resumed one is rebuilt from its checkpoint's); command line: --model-option K=V")
+    device: str = Field("auto", description="auto (this rank's GPU, else MPS, else CPU), cpu, "
+                        "cuda, cuda:N, mps")
+    compile: bool = Field(False, description="torch.compile the model")
+    seed: int = Field(0, description="torch's seed (plus the rank) for a fresh run")
+    # -- optimization -----------------------------------------------------------------------
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup_steps: int = Field(20, ge=0)
@@ -30,10 +39,28 @@ class TrainerSettings(Section):
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     grad_clip: float = Field(1.0, gt=0)
     grad_accum: int = Field(1, ge=1)
-    device: str = "auto"
-    compile: bool = False
-    prefetch: int = Field(4, ge=1)
+    max_steps: int | None = Field(None, ge=0, description="stop once this many optimizer "
+                                  "steps are done in total (resumed steps count); unset: never")
+    # -- the stream -------------------------------------------------------------------------
+    group_id: str = "sluice-trainer"
+    from_beginning: bool = Field(False, description="partitions without a checkpointed offset "
+                                 "start at their first batch (else at the group's committed "
+                                 "offset, else at new batches only)")
+    idle_timeout_s: float | None = Field(None, ge=0, description="stop after this many seconds "
+                                         "without a new batch; unset: wait for ever")
+    prefetch: int = Field(4, ge=1, description="batches decoded and collated ahead of the step")
+    # -- checkpoints ------------------------------------------------------------------------
+    checkpoint_dir: Path | None = Field(None, description="default: <state_dir>/checkpoints")
+    checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    # -- evaluation -------------------------------------------------------------------------
     eval_every: int = Field(200, ge=1)
+    holdout_fraction: float = Field(0.05, ge=0, le=0.5, description="share of sample ids "
+                                    "(by hash) never trained on and evaluated instead")
+    eval_file: Path | None = Field(None, description="a fixed JSONL evaluation set instead of "
+                                   "the hash-held-out slice (then every sample is trained on)")
+    eval_samples: int = Field(1024, ge=1, description="held-out samples kept for evaluation "
+                              "(the newest)")
 
 
 class TrainerConfig(Protocol):

@@ -1,6 +1,6 @@
 """Killing the trainer for real: SIGKILL mid-run resumes exactly; SIGTERM stops cleanly.
 
-The trainer runs as ``python -m trainer`` (the ``sluice train`` command) in a subprocess.
+The trainer runs as ``python -m sluice.cli train`` (``sluice train``) in a subprocess.
 The batches trained are read back two independent ways: the checkpoints' manifests (what
 the run committed) and the Feedback records (what each run actually trained, one feedback
 topic per run so the two runs cannot be confused).
@@ -47,8 +47,8 @@ def _trainer(settings: Settings, feedback: str, ckpt: Path, *args: str) -> subpr
         "SLUICE_METRICS__INTERVAL_S": "1",
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "trainer", "--checkpoint-dir", str(ckpt), "--from-beginning",
-         "--holdout", "0", *args],
+        [sys.executable, "-m", "sluice.cli", "train", "--checkpoint-dir", str(ckpt),
+         "--from-beginning", "--holdout", "0", *args],
         cwd=ckpt.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 

@@ -1,0 +1,83 @@
+"""What one batch becomes around a training step.
+
+Before it, in the prefetch thread: ``prepare`` splits a sourced batch into the samples held
+out for evaluation (by a hash of their id) and the rest, collated into tensors. After it:
+``per_sample`` turns the logits into per-sample losses and hits, and ``send_feedback``
+sends them to ``training-feedback`` as one ``Feedback`` record.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from kafka import KafkaProducer
+
+from schemas.records import BatchSample, Feedback, SampleLoss
+from streams.serde import encode
+from trainer.evaluate import is_heldout
+from trainer.models import IGNORE, BatchError, ModelPlugin, TrainBatch
+from trainer.source import SourcedBatch
+
+log = logging.getLogger("sluice.trainer")
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A sourced batch split into trainable tensors and held-out samples."""
+
+    sourced: SourcedBatch
+    train: TrainBatch | None
+    heldout: list[BatchSample]
+    skipped: str | None = None
+
+
+def prepare(plugin: ModelPlugin, holdout: float, item: SourcedBatch) -> Prepared:
+    """The prefetch thread's transform: split off held-out samples, collate the rest."""
+    samples = item.batch["samples"]
+    heldout = [s for s in samples if is_heldout(s["id"], holdout)]
+    kept = [s for s in samples if not is_heldout(s["id"], holdout)]
+    if not kept:
+        return Prepared(item, None, heldout, "all_heldout")
+    try:
+        return Prepared(item, plugin.collate(item.batch["batch_id"], kept), heldout)
+    except BatchError as exc:
+        log.warning("skipping batch %s (%s[%d]@%d): %s", item.batch["batch_id"],
+                    item.topic, item.partition, item.offset, exc)
+        return Prepared(item, None, heldout, "unusable")
+
+
+def per_sample(
+    logits: torch.Tensor, targets: torch.Tensor, owner: torch.Tensor, n: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample mean loss (no smoothing), per-sample share correct, positions per sample."""
+    valid = targets != IGNORE
+    tok = F.cross_entropy(logits, targets, reduction="none", ignore_index=IGNORE)
+    hits = ((logits.argmax(-1) == targets) & valid).float()
+    count = torch.zeros(n, device=logits.device).index_add_(0, owner, valid.float())
+    loss = torch.zeros(n, device=logits.device).index_add_(0, owner, tok) / count.clamp_min(1)
+    right = torch.zeros(n, device=logits.device).index_add_(0, owner, hits) / count.clamp_min(1)
+    return loss, right, count
+
+
+def send_feedback(
+    producer: KafkaProducer, topic: str, plugin: ModelPlugin, batch: TrainBatch, step: int,
+    losses: list[float], right: list[float],
+) -> None:
+    """One ``Feedback`` record: the per-sample losses of ``batch`` at ``step``."""
+    classify = plugin.task == "classify"
+    record = Feedback(
+        batch_id=batch.batch_id, step=step, model=plugin.name,
+        created_at=int(time.time() * 1000),
+        losses=[
+            SampleLoss(
+                id=i, label=lb, loss=float(loss), correct=bool(r > 0.5) if classify else None
+            )
+            for i, lb, loss, r in zip(batch.ids, batch.labels, losses, right, strict=True)
+        ],
+    )
+    producer.send(topic, key=batch.batch_id.encode(), value=encode("Feedback", record))
+
