@@ -19,11 +19,11 @@ Method (the same text is printed with the results and stored in the JSON):
    vectors, and semantic dedup reads them through a caching Embedder (same vectors).
 4. Raw arm: the training records in stream order (a seeded shuffle), in batches of 32,
    natural class mix, no quality filter, no dedup (policy label ``raw``).
-   Curated arm: the real steps against the private stack's Redis in a fresh namespace:
-   ``Ingest.process`` (decode, quality, exact and MinHash dedup) and
-   ``SemanticDedup.process`` in micro-batches of 32, then ``Balancer.add`` (policy
-   ``inverse``, batch size 32, one partition) composing CuratedBatches. As in the live
-   balance agent, one batch is composed per 32 new samples, so a finite stream gives
+   Curated arm: the product's pipeline against the private stack's Redis in a fresh
+   namespace: ``agents.pipeline.build_pipeline`` (ingest: validate, quality, exact and
+   MinHash dedup; dedup: semantic) in micro-batches of 32, then the ``Balance`` step
+   (policy ``inverse``, batch size 32, one partition) composing CuratedBatches. As in the
+   live balance agent, one batch is composed per 32 new samples, so a finite stream gives
    about kept/32 batches, and the majority-class samples the inverse mix never draws stay
    in the buffers: the curated arm trains on fewer distinct samples than it kept.
    Diagnostic arm ``dedup-natural``: the same kept samples balanced with policy
@@ -177,14 +177,14 @@ def raw_batches(records: list[dict[str, Any]], vectors: np.ndarray, train: list[
                 digests: list[str]) -> list[dict[str, Any]]:
     """Stream order, 32 at a time, nothing dropped: policy ``raw``."""
     from agents.compose import assemble_batch
-    from agents.embed import to_f16_bytes
+    from schemas.embedding import encode_embedding
 
     shares = _shares(Counter(records[i]["label"] for i in train))
     batches = []
     for seq, start in enumerate(range(0, len(train) - BATCH + 1, BATCH)):
         samples = []
         for i in train[start:start + BATCH]:
-            blob = to_f16_bytes(vectors[i])
+            blob = encode_embedding(vectors[i])
             samples.append({**records[i], "digest": digests[i], "embedding": blob,
                             "embedding_dim": len(blob) // 2})
         batches.append(dict(assemble_batch(
@@ -196,40 +196,34 @@ def raw_batches(records: list[dict[str, Any]], vectors: np.ndarray, train: list[
 
 def curate(settings: Any, records: list[dict[str, Any]], order: list[int],
            cache: dict[str, np.ndarray]) -> tuple[list[Any], dict[str, Any]]:
-    """``Ingest.process`` then ``SemanticDedup.process`` over the training stream, in
-    micro-batches of 32 against Redis in a fresh namespace: the CuratedSamples kept, in
-    order, and what was rejected (by reason, and by class and reason)."""
-    from agents.dedup import SemanticDedup
-    from agents.ingest import Ingest
-    from agents.outcome import Coords, Incoming
+    """The product's ingest → dedup pipeline (``agents.pipeline.build_pipeline``) over the
+    training stream, in micro-batches of 32 against Redis in a fresh namespace: the
+    CuratedSamples kept, in order, and what was rejected (by reason, and by class and
+    reason)."""
+    from agents.pipeline import build_pipeline
+    from agents.step import Coords, Item
     from schemas.records import RawEvent
     from streams.connections import redis_client
     from streams.serde import encode
 
-    namespace = f"bench-{os.urandom(6).hex()}"
     client = redis_client(settings.redis)
-    ingest = Ingest(settings, client, namespace)
-    dedup = SemanticDedup(settings, client, embedder=_cached_embedder(settings, cache),
-                          namespace=namespace)
+    pipeline = build_pipeline(settings, client, namespace=f"bench-{os.urandom(6).hex()}",
+                              embedder=_cached_embedder(settings, cache))
     reasons: Counter[str] = Counter()
     by_class: Counter[str] = Counter()
     kept: list[Any] = []
     try:
         for start in range(0, len(order), BATCH):
-            incoming = []
+            items = []
             for offset, i in enumerate(order[start:start + BATCH], start):
                 rec = records[i]
                 event = RawEvent(id=rec["id"], source=rec["source"], kind=rec["kind"],
                                  language=rec["label"], label=rec["label"],
                                  content=rec["content"], timestamp=int(time.time() * 1000),
                                  attributes={})
-                incoming.append(Incoming(encode("RawEvent", event), rec["id"].encode(),
-                                         Coords("bench-raw", 0, offset)))
-            first = ingest.process(incoming)
-            passed = [(o.record, m.coords) for o, m in zip(first, incoming, strict=True)
-                      if not o.rejected]
-            second = iter(dedup.process(passed))
-            for outcome in (o if o.rejected else next(second) for o in first):
+                items.append(Item(encode("RawEvent", event), Coords("bench-raw", 0, offset),
+                                  rec["id"].encode()))
+            for outcome in pipeline.run(items):
                 if outcome.rejected:
                     reason = f"{outcome.record['stage']}:{outcome.reason}"
                     reasons[reason] += 1
@@ -243,24 +237,26 @@ def curate(settings: Any, records: list[dict[str, Any]], order: list[int],
 
 
 def balance(settings: Any, samples: list[Any], policy: str) -> list[dict[str, Any]]:
-    """``Balancer.add`` (batch size 32, one partition, fresh namespace) over the kept
+    """The ``Balance`` step (batch size 32, one partition, fresh namespace) over the kept
     samples in order: the CuratedBatches it composes."""
-    from agents.balance import Balancer
+    from agents.balance import Balance
+    from agents.buffers import buffers_for
+    from agents.feedback import LossStore
+    from agents.step import Coords, Item
     from streams.connections import redis_client
 
-    settings = settings.model_copy(update={
-        "balance": settings.balance.model_copy(update={"policy": policy,
-                                                       "batch_size": BATCH})})
+    config = settings.balance.model_copy(update={"policy": policy, "batch_size": BATCH})
+    namespace = f"bench-{os.urandom(6).hex()}"
     client = redis_client(settings.redis)
-    balancer = Balancer(settings, client, partition=0,
-                        namespace=f"bench-{os.urandom(6).hex()}")
+    step = Balance(config, buffers_for(client, namespace, 0, config),
+                   LossStore(client, namespace))
     batches: list[dict[str, Any]] = []
-    state: dict[str, Any] | None = None
     try:
-        for sample in samples:
-            state, batch, _ = balancer.add(sample, state)
-            if batch is not None:
-                batches.append(dict(batch))
+        for offset, sample in enumerate(samples):
+            # One sample per run, as the balance agent calls it; the step keeps its
+            # partition's state between runs (the agent restores it from its table).
+            batches += [dict(outcome.record) for outcome in
+                        step.run([Item(sample, Coords("bench-samples", 0, offset))])]
     finally:
         client.close()
     return batches
@@ -311,12 +307,13 @@ def produce(settings: Any, batches: list[dict[str, Any]], steps: int) -> int:
 def train_arm(settings: Any, steps: int, eval_file: Path, folder: Path, seed: int
               ) -> dict[str, Any]:
     """One training run on the arm's topic; the held-out evaluation and run figures."""
-    from trainer.loop import RunOptions, train
+    from trainer.loop import train
 
-    result = train(settings, RunOptions(
-        model="embedding-classifier", max_steps=steps, checkpoint_dir=folder,
-        from_beginning=True, device="cpu", eval_file=eval_file, idle_timeout_s=30.0,
-        seed=seed))
+    run = settings.trainer.model_copy(update={
+        "model": "embedding-classifier", "max_steps": steps, "checkpoint_dir": folder,
+        "from_beginning": True, "device": "cpu", "eval_file": eval_file, "idle_timeout_s": 30.0,
+        "seed": seed})
+    result = train(settings.model_copy(update={"trainer": run}))
     return {"seed": seed, "steps": result.step, "stopped": result.stopped,
             "samples": result.samples, "loss": result.loss, "wall_s": round(result.wall_s, 2),
             **{f"eval_{k}": v for k, v in result.eval.items()}}

@@ -13,9 +13,10 @@ Methods, each deciding every item in stream order (earlier wins):
 - MinHash-LSH: datasketch's in-memory ``MinHashLSH`` (128 permutations, Jaccard 0.8) over
   the same word 5-shingles;
 - brute-force cosine: every pair of (chunk-mean MiniLM) embeddings at the dedup threshold;
-- sluice exact + fuzzy: ``Ingest`` (quality, exact digest, MinHash in Redis);
-- sluice all layers: ``Ingest`` then ``SemanticDedup`` (model + vector set), the
-  ``sluice dedup`` code path.
+- sluice exact + fuzzy: ``agents.pipeline.build_pipeline`` with stages ``ingest``
+  (validate and quality, exact digest, MinHash in Redis);
+- sluice all layers: ``build_pipeline`` with stages ``ingest, dedup`` (+ model and vector
+  set), the composition the worker and ``sluice dedup`` run.
 
 Items/s for brute-force cosine excludes embedding (reported apart); sluice's includes it.
 Quality rejections of sluice's ingest count as "not a duplicate" (they are a different
@@ -98,31 +99,29 @@ def brute_cosine(vectors: np.ndarray, threshold: float) -> np.ndarray:
 
 def sluice_layers(client: Any, corpus: list[tuple[str, str]], semantic: bool) -> tuple[
         np.ndarray, int]:
-    """sluice's own steps over the corpus as JSON events; (duplicate flags, quality drops)."""
+    """sluice's own pipeline (``build_pipeline``, stages ingest or ingest,dedup; it loads
+    the model, one torch thread) over the corpus as JSON events, in micro-batches of
+    ``dedup.batch_size`` as ``sluice dedup`` runs; (duplicate flags, quality drops)."""
     import json
 
-    from agents.dedup import SemanticDedup, ingest_and_dedup
-    from agents.embed import Embedder
-    from agents.ingest import Ingest
-    from agents.outcome import Coords, Incoming
+    from agents.pipeline import build_pipeline
+    from agents.step import Coords, Item
     from sluice.settings import load_settings
 
-    namespace = uuid.uuid4().hex
-    settings = load_settings()
-    ingest = Ingest(settings, client, namespace)
-    dedup = (SemanticDedup(settings, client, Embedder(settings.dedup, threads=1), namespace)
-             if semantic else None)
+    settings = load_settings(dedup={"torch_threads": 1})
+    stages = ("ingest", "dedup") if semantic else ("ingest",)
+    pipeline = build_pipeline(settings, client, stages=stages, namespace=uuid.uuid4().hex)
     flags: list[bool] = []
     quality = 0
     batch = settings.dedup.batch_size
     for start in range(0, len(corpus), batch):
         part = corpus[start:start + batch]
-        messages = [Incoming(json.dumps({"id": f"{start + k}", "source": "bench",
-                                         "kind": "CODE" if item_id.startswith(("site", "std"))
-                                         else "TEXT", "content": text}).encode(),
-                             None, Coords("bench", 0, start + k))
-                    for k, (item_id, text) in enumerate(part)]
-        for outcome in ingest_and_dedup(messages, ingest, dedup):
+        items = [Item(json.dumps({"id": f"{start + k}", "source": "bench",
+                                  "kind": "CODE" if item_id.startswith(("site", "std"))
+                                  else "TEXT", "content": text}).encode(),
+                      Coords("bench", 0, start + k))
+                 for k, (item_id, text) in enumerate(part)]
+        for outcome in pipeline.run(items):
             flags.append(outcome.reason in DUPLICATES)
             quality += bool(outcome.reason and outcome.reason.startswith("quality"))
     return np.array(flags), quality

@@ -5,17 +5,21 @@
 Real files with their natural duplicates (Debian copyright files and licenses,
 site-packages and stdlib sources) are produced to ``raw-events``; then, measured in one run:
 
-1. In process: the records are consumed from Kafka, passed through ``Ingest.process`` and
-   ``SemanticDedup.process`` in the workers' micro-batch sizes, and every outcome is
-   produced to its topic; the time is broken down by stage (consume, decode,
-   quality+normalize, exact, fuzzy, embed, admit, produce).
-2. The bare model on the same texts in the same process: ``Embedder.encode`` over the
-   events that reached the model (the overhead ratio: target ≥ 0.95), and over every
-   decoded event (what the model alone would cost without the cheap layers: the work
-   avoided).
+1. In process: the product's own composition, ``agents.pipeline.build_pipeline`` (ingest
+   and dedup: validate → exact → fuzzy → semantic), run over micro-batches of
+   ``dedup.batch_size`` raw events consumed from Kafka (the size ``sluice dedup`` runs),
+   every outcome produced to its topic (``sluice.samples`` or ``sluice.rejected``) with
+   ``streams.producer.EventProducer``. The time is broken down by step from
+   ``Pipeline.seconds()`` (validate, exact, fuzzy, and the semantic step's embed and
+   admit), plus Kafka consume and produce.
+2. The bare model on the same texts in the same process: ``Embedder.encode`` over exactly
+   the texts the semantic step gave the model, right after each micro-batch (the overhead
+   ratio: target ≥ 0.95), and over every event (what the model alone would cost without
+   the cheap layers: the work avoided).
 3. Not with ``--quick``: real ``sluice worker`` processes (agents ingest,dedup) with 1 and
    2 workers on 4 partitions, end to end: from the first event produced to the last
-   outcome on ``sluice.samples`` + ``sluice.rejected``, model loading excluded.
+   outcome on ``sluice.samples`` + ``sluice.rejected``, model loading excluded. They load
+   the benchmark's settings through ``sluice.settings.settings_env``.
 """
 
 from __future__ import annotations
@@ -32,8 +36,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bench.common import REPO_ROOT, crawl_corpus, private_stack, show, timed, write_result
 from sluice.demo import stop_processes
+
+#: Seconds of the in-process run by part, as the table shows them (disjoint).
+PARTS = ("consume", "validate", "exact", "fuzzy", "embed", "admit", "semantic (rest)",
+         "produce")
 
 
 def raw_events(n: int, max_bytes: int) -> list[dict[str, Any]]:
@@ -54,8 +64,8 @@ def isolated(settings: Any, backend: str, partitions: int = 4) -> Any:
     out = settings.model_copy(update={
         "app_id": f"bench{uid}",
         "topics": settings.topics.model_copy(update={**names, "partitions": partitions}),
-        "dedup": settings.dedup.model_copy(update={
-            "namespace": uid, "torch_threads": 1, "backend": backend}),
+        "redis": settings.redis.model_copy(update={"namespace": uid}),
+        "dedup": settings.dedup.model_copy(update={"torch_threads": 1, "backend": backend}),
     })
     ensure_topics(out.kafka, out.topics)
     return out
@@ -65,117 +75,117 @@ def produce(settings: Any, events: list[dict[str, Any]]) -> None:
     """Send every event to the raw topic and wait for Kafka's acks."""
     from streams.producer import EventProducer
 
-    with EventProducer(settings.kafka, settings.topics) as producer:
+    with EventProducer(settings.kafka, settings.topics, settings.produce) as producer:
         for event in events:
             producer.send(event)  # type: ignore[arg-type]
 
 
-def in_process(settings: Any, n_events: int) -> dict[str, Any]:
-    """Consume raw events, run ingest and dedup as the agents do, produce the outcomes."""
-    from kafka import KafkaConsumer, KafkaProducer
+class Recording:
+    """The loaded model, handed to ``build_pipeline``; remembers the texts of each call so
+    the bare model can be timed on exactly those texts outside the pipeline's time."""
 
-    from agents.dedup import SemanticDedup
+    def __init__(self, embedder: Any) -> None:
+        self.embedder = embedder
+        self.calls: list[list[str]] = []
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        self.calls.append(list(texts))
+        return self.embedder.encode(texts)
+
+
+def in_process(settings: Any, events: list[dict[str, Any]]) -> dict[str, Any]:
+    """The product's ingest → dedup pipeline over micro-batches consumed from Kafka, each
+    outcome produced to its topic, paired with the bare model on the same texts."""
+    from kafka import KafkaConsumer
+
     from agents.embed import Embedder
-    from agents.ingest import Ingest
-    from agents.outcome import Coords, Incoming
+    from agents.normalize import normalize
+    from agents.pipeline import build_pipeline
+    from agents.step import Coords, Item
     from streams.connections import kafka_client_options, redis_client
-    from streams.serde import decode_raw_event, encode
+    from streams.producer import EventProducer
+    from streams.serde import encode
+    from streams.topics import record_type
 
     client = redis_client(settings.redis)
-    ingest = Ingest(settings, client)
     embedder = Embedder(settings.dedup, threads=1)
-    dedup = SemanticDedup(settings, client, embedder=embedder)
+    model = Recording(embedder)
+    pipeline = build_pipeline(settings, client, embedder=model)
     t = settings.topics
+    size = settings.dedup.batch_size
     consumer = KafkaConsumer(t.raw, **kafka_client_options(settings.kafka), group_id=None,
                              auto_offset_reset="earliest", enable_auto_commit=False,
-                             max_poll_records=4 * settings.dedup.batch_size)
-    producer = KafkaProducer(**kafka_client_options(settings.kafka), acks="all", linger_ms=5,
-                             compression_type="gzip", max_request_size=8 * 2**20)
+                             max_poll_records=size)
+    producers = {topic: EventProducer(settings.kafka, t, settings.produce, topic=topic)
+                 for topic in (t.samples, t.rejected)}
     seconds: defaultdict[str, float] = defaultdict(float)
     counts: Counter[str] = Counter()
     embedded = windows_embedded = 0
     bare = 0.0
-    decoded: list[str] = []
     seen = 0
     started = time.perf_counter()
-
-    def send(outcomes: list[Any], passed: str, record: str) -> None:
-        for outcome in outcomes:
-            topic, name = (t.rejected, "Rejection") if outcome.rejected else (passed, record)
-            producer.send(topic, key=outcome.record["id"].encode(),
-                          value=encode(name, outcome.record))
-
-    while seen < n_events:
-        tick = time.perf_counter()
-        polled = consumer.poll(timeout_ms=1000, max_records=4 * settings.dedup.batch_size)
-        seconds["consume"] += time.perf_counter() - tick
-        batch = [Incoming(m.value, m.key, Coords(m.topic, m.partition, m.offset))
-                 for records in polled.values() for m in records]
-        seen += len(batch)
-        tick = time.perf_counter()
-        for message in batch:  # timed apart: Ingest counts decode with quality
-            decoded.append(decode_raw_event(message.value, 2**24)["content"])
-        seconds["decode"] += time.perf_counter() - tick
-        outcomes = ingest.process(batch)
-        tick = time.perf_counter()
-        send(outcomes, t.candidates, "Candidate")
-        seconds["produce"] += time.perf_counter() - tick
-        passed = [(o.record, m.coords) for o, m in zip(outcomes, batch, strict=True)
-                  if not o.rejected]
-        counts.update(o.reason or "passed" for o in outcomes if o.rejected)
-        step = settings.dedup.batch_size
-        for i in range(0, len(passed), step):
-            chunk = passed[i:i + step]
-            embedded += len(chunk)
-            results = dedup.process(chunk)
+    try:
+        while seen < len(events):
+            tick = time.perf_counter()
+            polled = consumer.poll(timeout_ms=1000, max_records=size)
+            seconds["consume"] += time.perf_counter() - tick
+            items = [Item(m.value, Coords(m.topic, m.partition, m.offset), m.key)
+                     for records in polled.values() for m in records]
+            seen += len(items)
+            outcomes = pipeline.run(items)
             # The bare model on the same texts right after, paired: a machine shared with
             # other work slows both alike, so the ratio holds where absolute rates do not.
             # Not counted in the pipeline's time.
             pause = time.perf_counter()
-            texts = [cand["content"] for cand, _ in chunk]
-            _, dt = timed(partial(embedder.encode, texts))
-            bare += dt
-            windows_embedded += sum(len(c) for c in embedder.chunks(texts))
+            for texts in model.calls:
+                _, dt = timed(partial(embedder.encode, texts))
+                bare += dt
+                embedded += len(texts)
+                windows_embedded += sum(len(c) for c in embedder.chunks(texts))
+            model.calls.clear()
             started += time.perf_counter() - pause
-            counts.update(o.reason or "kept" for o in results)
+            counts.update(o.reason or "kept" for o in outcomes)
             tick = time.perf_counter()
-            send(results, t.samples, "CuratedSample")
+            for outcome in outcomes:
+                topic = t.rejected if outcome.rejected else t.samples
+                producers[topic].send_bytes(outcome.record["id"].encode(),
+                                            encode(record_type(t, topic), outcome.record))
             seconds["produce"] += time.perf_counter() - tick
-    tick = time.perf_counter()
-    producer.flush()
-    seconds["produce"] += time.perf_counter() - tick
-    total = time.perf_counter() - started
-    consumer.close()
-    producer.close()
-    seconds["quality"] = max(ingest.seconds["decode_quality"] - seconds["decode"], 0.0)
-    for key in ("exact", "fuzzy"):
-        seconds[key] = ingest.seconds[key]
-    for key in ("embed", "admit"):
-        seconds[key] = dedup.seconds[key]
-    # Without the cheap layers every decoded event would reach the model; its cost scales
-    # with the windows embedded, so it is estimated from the paired bare rate.
-    windows_all = sum(len(c) for c in embedder.chunks(decoded))
+        tick = time.perf_counter()
+        for producer in producers.values():
+            producer.flush()
+        seconds["produce"] += time.perf_counter() - tick
+        total = time.perf_counter() - started
+    finally:
+        consumer.close()
+        for producer in producers.values():
+            producer.close()
+        client.close()
+    steps = pipeline.seconds()
+    for part in ("validate", "exact", "fuzzy", "embed", "admit"):
+        seconds[part] = steps.get(part, 0.0)
+    seconds["semantic (rest)"] = max(
+        steps.get("semantic", 0.0) - seconds["embed"] - seconds["admit"], 0.0)
+    # Without the cheap layers every event would reach the model; its cost scales with
+    # the windows embedded, so it is estimated from the paired bare rate.
+    windows_all = sum(len(c) for c in embedder.chunks([normalize(e["content"])
+                                                        for e in events]))
     return {"events": seen, "embedded": embedded, "seconds_total": total,
-            "seconds": dict(seconds), "outcomes": dict(counts),
+            "seconds": {part: seconds[part] for part in PARTS},
+            "step_seconds": steps, "outcomes": dict(counts),
             "bare_encode_embedded_s": bare, "windows_all": windows_all,
             "windows_embedded": windows_embedded,
             "bare_encode_all_s_est": bare * windows_all / max(windows_embedded, 1)}
 
 
 def worker_env(settings: Any) -> dict[str, str]:
-    """The environment that makes a ``sluice worker`` load ``settings``."""
+    """The environment that makes a ``sluice worker`` load ``settings``: this process's
+    without its own SLUICE_* variables, plus ``settings_env``."""
+    from sluice.settings import settings_env
+
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
-    env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-            "SLUICE_STATE_DIR": str(settings.state_dir), "SLUICE_APP_ID": settings.app_id,
-            "SLUICE_STACK__KAFKA_PORT": str(settings.stack.kafka_port),
-            "SLUICE_STACK__CONTROLLER_PORT": str(settings.stack.controller_port),
-            "SLUICE_STACK__REDIS_PORT": str(settings.stack.redis_port),
-            "SLUICE_TOPICS__PARTITIONS": str(settings.topics.partitions),
-            "SLUICE_DEDUP__NAMESPACE": settings.redis.namespace,
-            "SLUICE_DEDUP__TORCH_THREADS": "1", "SLUICE_DEDUP__BACKEND": settings.dedup.backend}
-    for role, name in settings.topics.all().items():
-        env[f"SLUICE_TOPICS__{role.upper()}"] = name
-    return env
+    env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return env | settings_env(settings)
 
 
 def outcomes_written(settings: Any) -> int:
@@ -242,7 +252,7 @@ def run(quick: bool, backend: str = "torch") -> dict[str, Any]:
             private_stack(Path(tmp) / "stack") as base:
         settings = isolated(base, backend)
         produce(settings, events)
-        result = in_process(settings, len(events))
+        result = in_process(settings, events)
         workers = []
         if not quick:
             for count in (1, 2):
@@ -261,20 +271,23 @@ def _report(r: dict[str, Any], workers: list[dict[str, Any]], backend: str) -> N
     other = total - sum(r["seconds"].values())
     rows.append(["other (Python glue)", other, f"{100 * other / total:.1f} %"])
     rows.append(["total", total, "100 %"])
-    show(f"where the time goes: {r['events']} real files, in process over Kafka "
-         f"({backend}, 1 thread)", ["stage", "seconds", "share"], rows)
+    show(f"where the time goes: {r['events']} real files through build_pipeline "
+         f"(ingest,dedup) over Kafka ({backend}, 1 thread)", ["part", "seconds", "share"], rows)
     events, embedded = r["events"], r["embedded"]
     rate = events / total
     all_est = r["bare_encode_all_s_est"]
     show("pipeline vs the bare model, same texts, paired in the same run",
          ["measure", "value"],
-         [["events/s through ingest → dedup (incl. Kafka)", rate],
+         [["events/s through the pipeline (incl. Kafka)", rate],
           ["events reaching the model", f"{embedded} of {events} "
                                         f"({100 * embedded / events:.1f} %)"],
           ["bare encode of those: s (pipeline: s)",
            f"{r['bare_encode_embedded_s']:.1f} ({total:.1f})"],
           ["overhead ratio: bare encode s / pipeline s (target ≥ 0.95)",
            r["bare_encode_embedded_s"] / total],
+          ["pipeline time outside the model: s (share)",
+           f"{total - r['seconds']['embed']:.2f} "
+           f"({100 * (total - r['seconds']['embed']) / total:.1f} %)"],
           ["windows embedded / windows of every event",
            f"{r['windows_embedded']} / {r['windows_all']}"],
           ["model on every event (no cheap layers), est. events/s", events / all_est],
