@@ -1,0 +1,121 @@
+"""The sink agents: balance (sluice.samples → curated-batches) and feedback (the trainer's
+losses → difficulty factors and replays). Their steps (``Balance``, ``Feedback``) hold
+the logic; the agents keep the Faust table and send what the steps emit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import faust
+import redis
+
+from agents.balance import Balance
+from agents.buffers import ClassBuffers, buffers_for
+from agents.config import Curation
+from agents.feedback import Feedback, LossStore
+from agents.policy import label_for
+from agents.runner import Runner, item_of
+from agents.step import Item
+from schemas.records import CuratedBatch
+from streams.app import Topics
+from streams.metrics import (
+    BATCHES,
+    OUT,
+    StageMetrics,
+    buffer_fill,
+    class_difficulty,
+    class_in,
+    class_out,
+    class_weight,
+    evicted,
+    share_ema,
+    share_target,
+)
+
+
+def declare_balance(app: faust.App, topics: Topics, config: Curation, client: redis.Redis,
+                     metrics: StageMetrics) -> None:
+    table = app.Table("sluice-balance-state", default=dict, partitions=config.topics.partitions,
+                      key_type=str)  # values: JSON (the default serializer)
+    losses = LossStore(client, config.redis.namespace)
+    steps: dict[int, Balance] = {}
+    run = Runner("balance")
+    metrics.labels["policy"] = label_for(config.balance)
+
+    def balance_one(args: tuple[Item, dict[str, Any]]) -> tuple[Balance, list[CuratedBatch]]:
+        item, state = args
+        partition = item.coords.partition
+        if partition not in steps:
+            buffers = buffers_for(client, config.redis.namespace, partition, config.balance)
+            steps[partition] = Balance(config.balance, buffers, losses)
+        step = steps[partition]
+        step.state = state
+        return step, [outcome.record for outcome in step.run([item])]
+
+    @app.agent(topics.samples, name="sluice-balance")
+    async def balance(stream: faust.StreamT) -> None:
+        # Iterate values (stream.events() never yields in faust-streaming 0.15).
+        async for _ in stream:
+            item = item_of(stream.current_event)  # type: ignore[arg-type]
+            metrics.count_in()
+            metrics.counters[class_in(item.record['label'])] += 1
+            key = str(item.coords.partition)
+            step, batches = await run(balance_one, (item, dict(table[key])))
+            table[key] = step.state  # reassigned: only assignment reaches the changelog
+            metrics.counters["replayed"] = sum(s.counters["replayed"] for s in steps.values())
+            for batch in batches:
+                await (await topics.batches.send(key=batch["batch_id"].encode(), value=batch))
+                fill = await run(lambda b: (b.sizes(), b.evictions()), step.buffers)
+                _batch_metrics(metrics, batch, *fill)
+
+
+def _batch_metrics(metrics: StageMetrics, batch: CuratedBatch, sizes: dict[str, int],
+                   evictions: dict[str, int]) -> None:
+    metrics.counters[OUT] += len(batch["samples"])
+    metrics.counters[BATCHES] += 1
+    for sample in batch["samples"]:
+        metrics.counters[class_out(sample['label'])] += 1
+        if sample["replay"]:
+            metrics.counters["out.replay"] += 1
+    for label, share in batch["class_shares"].items():
+        metrics.gauges[share_ema(label)] = share
+    for label, share in batch["target_shares"].items():
+        metrics.gauges[share_target(label)] = share
+    for label, factor in batch["difficulty"].items():
+        metrics.gauges[class_difficulty(label)] = factor
+    for sample in batch["samples"]:
+        metrics.gauges[class_weight(sample['label'])] = sample["weight"]
+    for label, size in sizes.items():
+        metrics.gauges[buffer_fill(label)] = float(size)
+    for label, n in evictions.items():
+        metrics.counters[evicted(label)] = int(n)
+
+
+def declare_feedback(app: faust.App, topics: Topics, config: Curation, client: redis.Redis,
+                      metrics: StageMetrics) -> None:
+    buffers: dict[int, ClassBuffers] = {}
+
+    def buffers_of(partition: int) -> ClassBuffers:
+        if partition not in buffers:
+            buffers[partition] = buffers_for(client, config.redis.namespace, partition,
+                                             config.balance)
+        return buffers[partition]
+
+    step = Feedback(config.balance, LossStore(client, config.redis.namespace), buffers_of)
+    run = Runner("feedback")
+
+    @app.agent(topics.feedback, name="sluice-feedback")
+    async def feedback(stream: faust.StreamT) -> None:
+        async for _ in stream:
+            metrics.count_in()
+            (outcome,) = await run(step.run, [item_of(stream.current_event)])  # type: ignore[arg-type]
+            result = outcome.record
+            metrics.counters[OUT] += 1
+            metrics.counters["hard"] += result["hard"]
+            metrics.counters["replay.queued"] += result["queued"]
+            if math.isfinite(result["threshold"]):
+                metrics.gauges["hard.threshold"] = result["threshold"]
+            for label, factor in result["difficulty"].items():
+                metrics.gauges[class_difficulty(label)] = factor
