@@ -134,9 +134,11 @@ def test_a_worker_killed_mid_stream_loses_nothing_and_changes_nothing(
 def private_redis(stack: Settings, tmp_path: Path) -> Iterator[tuple[Settings, Stack]]:
     """The session's Kafka with a Redis of this test's own (append-only, like `sluice up`),
     so stopping it disturbs no other test."""
+    port = free_port()
     settings = stack.model_copy(update={
         "state_dir": tmp_path / "state",
-        "stack": stack.stack.model_copy(update={"redis_port": free_port()}),
+        "stack": stack.stack.model_copy(update={"redis_port": port}),
+        "redis": stack.redis.model_copy(update={"url": f"redis://127.0.0.1:{port}/0"}),
     })
     own = Stack(settings)
     own.settings.state_dir.mkdir(parents=True)

@@ -20,7 +20,7 @@ from kafka import KafkaProducer
 
 from sluice.cli import cli
 from sluice.errors import StackError
-from sluice.settings import Settings
+from sluice.settings import Settings, load_settings
 from sluice.stack import Stack
 from streams.connections import kafka_client_options
 from tests.conftest import stack_settings
@@ -28,7 +28,9 @@ from tests.streams.kafka_io import consume_all
 
 
 def _with_ports(settings: Settings, **ports: int) -> Settings:
-    return settings.model_copy(update={"stack": settings.stack.model_copy(update=ports)})
+    # Loaded again, not copied: the embedded addresses are derived from the ports at load.
+    return load_settings(state_dir=str(settings.state_dir),
+                         stack=settings.stack.model_copy(update=ports).model_dump())
 
 
 @pytest.fixture
