@@ -311,7 +311,7 @@ def train_arm(settings: Any, steps: int, eval_file: Path, folder: Path, seed: in
 
     run = settings.trainer.model_copy(update={
         "model": "embedding-classifier", "max_steps": steps, "checkpoint_dir": folder,
-        "from_beginning": True, "device": "cpu", "eval_file": eval_file, "idle_timeout_s": 30.0,
+        "start": "earliest", "device": "cpu", "eval_file": eval_file, "idle_timeout_s": 30.0,
         "seed": seed})
     result = train(settings.model_copy(update={"trainer": run}))
     return {"seed": seed, "steps": result.step, "stopped": result.stopped,

@@ -142,7 +142,7 @@ def run_demo(settings: Settings, paths: list[Path], limit: int | None, idle_s: f
     console.print(f"[bold]dashboard: http://127.0.0.1:{board_port}[/]  "
                   "(or `sluice monitor` in another terminal)")
     if train:
-        trainer = start_process(settings, ["train", "--from-beginning"], logs / "trainer.log")
+        trainer = start_process(settings, ["train", "--start", "earliest"], logs / "trainer.log")
         processes.append(trainer)
         console.print(f"trainer started (pid {trainer.pid}, log {logs / 'trainer.log'})")
     follower = OutcomeFollower(settings)

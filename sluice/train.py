@@ -53,9 +53,9 @@ def parse_model_options(pairs: tuple[str, ...]) -> dict[str, Any]:
 
 @click.command("train")
 @click.option("--model", default=None,
-              help="embedding-classifier, byte-lm, or module:factory "
-                   "[default: trainer.model, else the checkpoint's model, else "
-                   "embedding-classifier]")
+              help="embedding-classifier, byte-lm, or module:factory; a checkpoint naming "
+                   "another model is refused [default: trainer.model, else the checkpoint's "
+                   "built-in model, else embedding-classifier]")
 @click.option("--model-option", "model_options", multiple=True, metavar="KEY=VALUE",
               help="A keyword of the model's factory for a fresh model, VALUE as JSON when "
                    "it parses (repeat for more; added to trainer.model_options).")
@@ -64,9 +64,9 @@ def parse_model_options(pairs: tuple[str, ...]) -> dict[str, Any]:
                    "[default: trainer.max_steps].")
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where checkpoints go [default: trainer.checkpoint_dir].")
-@click.option("--from-beginning", is_flag=True,
-              help="Partitions without a checkpointed offset start at their first batch "
-                   "[default: trainer.from_beginning].")
+@click.option("--start", type=click.Choice(["earliest", "latest"]), default=None,
+              help="Where a partition this run has no position for starts: the oldest "
+                   "retained batch, or only new ones [default: trainer.start, earliest].")
 @click.option("--device", default=None,
               help="auto, cpu, cuda, cuda:N, mps [default: trainer.device].")
 @click.option("--eval-file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
@@ -85,7 +85,7 @@ def train(
     model_options: tuple[str, ...],
     max_steps: int | None,
     checkpoint_dir: Path | None,
-    from_beginning: bool,
+    start: str | None,
     device: str | None,
     eval_file: Path | None,
     holdout: float | None,
@@ -94,7 +94,9 @@ def train(
     """Train continuously on curated-batches until stopped (SIGTERM or Ctrl-C).
 
     Resumes from the newest checkpoint in the checkpoint folder, at the batch after the
-    last one it trained. Run under torchrun, each rank reads its own partitions.
+    last one it trained; a new run starts at the oldest retained batch (--start) and
+    records where, so a restart before its first checkpoint begins there. Run under
+    torchrun, each rank reads its own partitions.
     """
     from sluice.cli import settings_of
     from trainer.loop import train as run_training
@@ -102,7 +104,7 @@ def train(
     settings = settings_of(ctx)
     flags: dict[str, Any] = {
         "model": model, "max_steps": max_steps, "checkpoint_dir": checkpoint_dir,
-        "from_beginning": from_beginning or None, "device": device, "eval_file": eval_file,
+        "start": start, "device": device, "eval_file": eval_file,
         "holdout_fraction": holdout, "idle_timeout_s": stop_when_idle,
     }
     overrides = {name: value for name, value in flags.items() if value is not None}

@@ -33,21 +33,57 @@ class Prepared:
     train: TrainBatch | None
     heldout: list[BatchSample]
     skipped: str | None = None
+    """Why ``train`` is ``None``: ``empty`` (no samples), ``all_heldout``, or ``unusable``
+    (the model cannot collate it: wrong embedding size, non-finite values, ...)."""
+    heldout_dropped: int = 0
+    """Held-out samples the model cannot collate, kept out of the evaluation set."""
 
 
 def prepare(plugin: ModelPlugin, holdout: float, item: SourcedBatch) -> Prepared:
-    """The prefetch thread's transform: split off held-out samples, collate the rest."""
+    """The prefetch thread's transform: split off held-out samples, collate the rest.
+
+    A batch the model cannot collate is skipped (never raised: the trainer would stop at
+    the same batch after every restart); held-out samples it cannot collate are dropped,
+    or evaluation would later skip the whole chunk they land in.
+    """
     samples = item.batch["samples"]
+    if not samples:
+        return _skip(item, "empty", "no samples")
+    batch_id = item.batch["batch_id"]
     heldout = [s for s in samples if is_heldout(s["id"], holdout)]
     kept = [s for s in samples if not is_heldout(s["id"], holdout)]
+    dropped = 0
+    if heldout and _collate_error(plugin, batch_id, heldout) is not None:
+        usable = [s for s in heldout if _collate_error(plugin, batch_id, [s]) is None]
+        dropped = len(heldout) - len(usable)
+        log.warning("batch %s (%s[%d]@%d): %d held-out samples the model cannot collate "
+                    "are left out of evaluation", batch_id, item.topic, item.partition,
+                    item.offset, dropped)
+        heldout = usable
     if not kept:
-        return Prepared(item, None, heldout, "all_heldout")
+        return Prepared(item, None, heldout, "all_heldout", dropped)
     try:
-        return Prepared(item, plugin.collate(item.batch["batch_id"], kept), heldout)
+        return Prepared(item, plugin.collate(batch_id, kept), heldout, None, dropped)
     except BatchError as exc:
-        log.warning("skipping batch %s (%s[%d]@%d): %s", item.batch["batch_id"],
-                    item.topic, item.partition, item.offset, exc)
-        return Prepared(item, None, heldout, "unusable")
+        return _skip(item, "unusable", str(exc))
+    except Exception as exc:  # a plugin's collate failing on this batch's content: skipping
+        # it beats stopping the trainer at the same batch on every restart
+        return _skip(item, "unusable", f"{type(exc).__name__} in collate: {exc}")
+
+
+def _collate_error(plugin: ModelPlugin, batch_id: str, samples: list[BatchSample]) -> str | None:
+    """Why ``plugin`` cannot collate ``samples``; ``None`` when it can."""
+    try:
+        plugin.collate(batch_id, samples)
+    except Exception as exc:  # any failure makes the samples unusable, see prepare
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _skip(item: SourcedBatch, reason: str, why: str) -> Prepared:
+    log.warning("skipping batch %s (%s[%d]@%d): %s: %s", item.batch["batch_id"], item.topic,
+                item.partition, item.offset, reason, why)
+    return Prepared(item, None, [], reason)
 
 
 def per_sample(

@@ -13,6 +13,10 @@ Lineage: ``chain`` is a SHA-256 hash chain over every batch ever trained, in ord
 (``chain = sha256(chain || batch_id || content_digest)``), so two checkpoints with the
 same chain at the same step were trained on exactly the same batches; ``batches`` lists the
 ids trained since the previous checkpoint.
+
+Beside the checkpoints, ``start-rank<N>.json`` (``StartRecord``) holds where the run began
+reading each partition, written before its first batch: what a restart before the first
+checkpoint resumes from.
 """
 
 from __future__ import annotations
@@ -179,6 +183,59 @@ class CheckpointStore:
         for p in self.directory.iterdir():
             if p.name.startswith((".tmp-step-", ".old-step-")):
                 shutil.rmtree(p, ignore_errors=True)
+
+
+class StartRecord:
+    """Where a run began reading each partition, kept beside its checkpoints.
+
+    Before the first checkpoint nothing else says where the run started, and resolving
+    "earliest" or "latest" again after a crash gives another answer (the log is trimmed
+    and written meanwhile): a restart would skip batches, or re-read ones the broker has
+    since dropped. So the source records a partition's start the moment it resolves it,
+    before reading from it. Each rank writes its own file (``start-rank<N>.json``); every
+    rank's are read, so a restart with another number of ranks still finds them all.
+    """
+
+    def __init__(self, directory: Path, rank: int = 0) -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / f"start-rank{rank}.json"
+
+    def load(self, topic: str) -> dict[int, int]:
+        """The recorded start offset of each partition of ``topic`` (every rank's)."""
+        offsets: dict[int, int] = {}
+        paths = sorted(self.directory.glob("start-rank*.json")) if self.directory.is_dir() else []
+        for path in paths:
+            try:
+                record = json.loads(path.read_text())
+                if record.get("topic") != topic:
+                    continue
+                found = {int(p): int(o) for p, o in record["offsets"].items()}
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                # Ignoring it would re-resolve the start: refuse rather than skip data.
+                raise CheckpointError(f"cannot read the start record {path}: {exc}") from exc
+            for partition, offset in found.items():
+                offsets[partition] = min(offset, offsets.get(partition, offset))
+        return offsets
+
+    def add(self, topic: str, offsets: dict[int, int]) -> None:
+        """Record ``offsets`` in this rank's file (atomically, durably)."""
+        try:
+            record = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot read the start record {self.path}: {exc}") from exc
+        kept = record.get("offsets", {}) if record.get("topic") == topic else {}
+        merged = {**kept, **{str(p): o for p, o in offsets.items()}}
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with tmp.open("w") as fh:
+                json.dump({"topic": topic, "offsets": merged}, fh, indent=2, sort_keys=True)
+                fh.flush()
+                os.fsync(fh.fileno())
+            tmp.rename(self.path)
+            _fsync_dir(self.directory)
+        except OSError as exc:
+            raise CheckpointError(f"cannot write the start record {self.path}: {exc}") from exc
 
 
 def _sha256(path: Path) -> str:

@@ -21,8 +21,9 @@ class TrainerSettings(Section):
 
     # -- the model --------------------------------------------------------------------------
     model: str | None = Field(None, description="model plugin: embedding-classifier, byte-lm "
-                              "or module:factory; unset: the checkpoint's model, else "
-                              "embedding-classifier (a set model must match the checkpoint's)")
+                              "or module:factory; unset: the checkpoint's model if built in, "
+                              "else embedding-classifier. The only plugin ever imported: a "
+                              "checkpoint naming another model is refused")
     model_options: dict[str, Any] = Field(
         default_factory=dict, description="keywords of the model's factory for a fresh model "
         "(a resumed one is rebuilt from its checkpoint's); command line: --model-option K=V")
@@ -43,12 +44,20 @@ class TrainerSettings(Section):
                                   "steps are done in total (resumed steps count); unset: never")
     # -- the stream -------------------------------------------------------------------------
     group_id: str = "sluice-trainer"
-    from_beginning: bool = Field(False, description="partitions without a checkpointed offset "
-                                 "start at their first batch (else at the group's committed "
-                                 "offset, else at new batches only)")
+    start: Literal["earliest", "latest"] = Field(
+        "earliest", description="where a partition starts when the run has no position for "
+        "it (no checkpointed offset, no start recorded beside the checkpoints, no offset "
+        "committed by group_id): earliest = the oldest batch still retained, latest = only "
+        "batches written after the start; the position chosen is recorded at once, so a "
+        "restart before the first checkpoint begins there too")
     idle_timeout_s: float | None = Field(None, ge=0, description="stop after this many seconds "
                                          "without a new batch; unset: wait for ever")
     prefetch: int = Field(4, ge=1, description="batches decoded and collated ahead of the step")
+    # -- reporting --------------------------------------------------------------------------
+    metrics_host: str = Field("127.0.0.1", description="address the Prometheus endpoint "
+                              "(port metrics.trainer_port) listens on; it has no "
+                              "authentication, so loopback unless opened on purpose "
+                              "(0.0.0.0: every interface)")
     # -- checkpoints ------------------------------------------------------------------------
     checkpoint_dir: Path | None = Field(None, description="default: <state_dir>/checkpoints")
     checkpoint_every: int = Field(100, ge=1)

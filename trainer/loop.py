@@ -33,7 +33,7 @@ from streams.connections import kafka_client_options
 from streams.serde import encode
 from trainer import distributed
 from trainer.batches import Prepared, per_sample, prepare, send_feedback
-from trainer.checkpoint import CheckpointStore
+from trainer.checkpoint import CheckpointStore, StartRecord
 from trainer.config import TrainerConfig, TrainerSettings
 from trainer.errors import TrainerError
 from trainer.evaluate import EvalSet, evaluate, load_eval_jsonl
@@ -94,8 +94,9 @@ def train(config: TrainerConfig, stop: threading.Event | None = None) -> TrainRe
         optimizer = configure_optimizer(plugin.module, cfg, device)
         learner = Learner(plugin, spec, optimizer, scaler)
         source = KafkaBatchSource(
-            config, rank=world.rank, world_size=world.world_size,
-            from_beginning=cfg.from_beginning, idle_timeout_s=cfg.idle_timeout_s,
+            config, rank=world.rank, world_size=world.world_size, start=cfg.start,
+            start_record=StartRecord(store.directory, world.rank),
+            idle_timeout_s=cfg.idle_timeout_s,
         )
         run = resume(ckpt, learner, source)
         if cfg.compile:
@@ -117,7 +118,7 @@ def train(config: TrainerConfig, stop: threading.Event | None = None) -> TrainRe
         )
         cleanup.callback(metrics.close)
         if world.main:
-            metrics.serve(config.metrics.trainer_port)
+            metrics.serve(config.metrics.trainer_port, cfg.metrics_host)
         next_report = time.monotonic() + config.metrics.interval_s
 
         # -- the loop ----------------------------------------------------------------------
@@ -185,6 +186,8 @@ def train(config: TrainerConfig, stop: threading.Event | None = None) -> TrainRe
                 metrics.count("heldout", len(p.heldout))
                 if p.skipped:
                     metrics.count(f"skipped.{p.skipped}")
+                if p.heldout_dropped:
+                    metrics.count("dropped.unusable_heldout", p.heldout_dropped)
             metrics.count("batches", len(prepared))
             metrics.trained(samples, loss_value, correct, positions)
             metrics.gauge("step", run.step)

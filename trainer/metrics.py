@@ -96,8 +96,9 @@ class TrainerMetrics:
         with self._lock:
             return self._metrics.snapshot()
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> int:
-        """Expose the metrics for Prometheus on ``port`` (0: do nothing); returns the port."""
+    def serve(self, port: int, addr: str = "127.0.0.1") -> int:
+        """Expose the metrics for Prometheus on ``addr:port`` (port 0: do nothing); returns
+        the port. Loopback by default: the endpoint has no authentication."""
         if port == 0:
             return 0
         registry = CollectorRegistry(auto_describe=True)

@@ -57,21 +57,42 @@ class RunState:
 
 
 def build_model(ckpt: Loaded | None, cfg: TrainerSettings) -> tuple[ModelPlugin, str]:
-    """The plugin to train and its spec, rebuilt from the checkpoint when there is one."""
+    """The plugin to train and its spec, rebuilt from the checkpoint when there is one.
+
+    Only the configured model is ever imported: ``trainer.model``, or when it is unset a
+    built-in one. A checkpoint is data anyone with write access to its folder can forge
+    (its SHA-256 sits in a manifest they rewrite too), and its spec is a ``module:factory``
+    that ``load_plugin`` would import and call (``os:system``): so the checkpoint's spec
+    is only compared with the configured one, and a different one is refused.
+    """
     if ckpt is None:
         spec = cfg.model or DEFAULT_MODEL
         return load_plugin(spec, cfg.model_options), spec
     saved = ckpt.state["model"]
-    if cfg.model and BUILTIN.get(cfg.model, cfg.model) != BUILTIN.get(
-        saved["spec"], saved["spec"]
-    ):
+    saved_spec = str(saved["spec"])
+    if cfg.model is None:
+        if _target(saved_spec) not in BUILTIN.values():
+            raise CheckpointError(
+                f"{ckpt.path} holds a model {saved_spec!r}, which is not built in "
+                f"({', '.join(BUILTIN)}): a plugin is only loaded when trainer.model "
+                "(--model) names it"
+            )
+        spec = saved_spec
+    elif _target(cfg.model) == _target(saved_spec):
+        spec = cfg.model
+    else:
         raise CheckpointError(
-            f"{ckpt.path} holds a {saved['spec']} model, not {cfg.model}: "
+            f"{ckpt.path} holds a model {saved_spec!r}, not the configured {cfg.model!r}: "
             "use another --checkpoint-dir for another model"
         )
-    plugin = load_plugin(saved["spec"], dict(saved["config"]))
+    plugin = load_plugin(spec, dict(saved["config"]))
     plugin.load_state_dict(saved)
-    return plugin, saved["spec"]
+    return plugin, spec
+
+
+def _target(spec: str) -> str:
+    """The ``module:factory`` a spec names (a built-in name stands for its target)."""
+    return BUILTIN.get(spec, spec)
 
 
 def resume(ckpt: Loaded | None, learner: Learner, source: KafkaBatchSource) -> RunState:

@@ -6,7 +6,13 @@ manually (rank ``r`` of ``w`` reads partitions ``r, r + w, ...``), never by the 
 coordinator, so a checkpoint's offsets are exactly what the process read and a rebalance can
 never move a partition under a running step. ``state_dict()`` is the next offset of every
 assigned partition after the last batch yielded; ``load_state_dict()`` before iterating seeks
-there, so the batch after the last one trained is the first one read.
+there, so the batch after the last one trained is the first one read. A partition with no
+loaded offset starts where ``StartRecord`` says this run began, else at the group's
+committed offset, else at the earliest (or latest) batch — a start it then records.
+
+A record that is not a ``CuratedBatch`` (a null value, another record type, truncated or
+random bytes) is skipped, counted by reason and logged with its topic, partition and
+offset: raising would stop the trainer at the same offset after every restart.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from kafka import KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
@@ -26,6 +32,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from schemas.records import CuratedBatch
 from streams.connections import kafka_client_options
 from streams.serde import DecodeError, decode
+from trainer.checkpoint import StartRecord
 from trainer.config import TrainerConfig
 from trainer.errors import TrainerError
 
@@ -76,11 +83,15 @@ def rank_partitions(partitions: Sequence[int], rank: int, world_size: int) -> li
 class KafkaBatchSource(IterableDataset[SourcedBatch]):
     """Decoded ``CuratedBatch`` records from Kafka, in offset order per partition.
 
-    ``from_beginning`` starts partitions without a loaded offset at the earliest batch;
-    otherwise at the group's committed offset, else at the end (new batches only).
+    A partition starts at its loaded offset (``load_state_dict``), else at the start
+    ``start_record`` holds for it, else at the group's committed offset, else per ``start``:
+    ``"earliest"`` (the oldest batch retained) or ``"latest"`` (batches written from now
+    on). A start resolved by none of the first two is written to ``start_record`` before
+    anything is read, so a restart before the first checkpoint begins at the same place.
     ``idle_timeout_s`` ends the iteration after that long without a record (``None``: run
     until ``stop()``). A record that does not decode is logged with its topic, partition
-    and offset, counted in ``counters.dropped["undecodable"]`` (or its reason), and skipped.
+    and offset, counted in ``counters.dropped[reason]`` (``tombstone``, ``unknown_schema``,
+    ``undecodable``, ``invalid_utf8``), and skipped.
     """
 
     def __init__(
@@ -91,7 +102,8 @@ class KafkaBatchSource(IterableDataset[SourcedBatch]):
         rank: int = 0,
         world_size: int = 1,
         partitions: Sequence[int] | None = None,
-        from_beginning: bool = False,
+        start: Literal["earliest", "latest"] = "earliest",
+        start_record: StartRecord | None = None,
         group_id: str | None = None,
         idle_timeout_s: float | None = None,
         poll_timeout_s: float = 0.2,
@@ -102,7 +114,8 @@ class KafkaBatchSource(IterableDataset[SourcedBatch]):
         self.topic = topic or settings.topics.batches
         self.rank, self.world_size = rank, world_size
         self.partitions = list(partitions) if partitions is not None else None
-        self.from_beginning = from_beginning
+        self.start = start
+        self.start_record = start_record
         self.group_id = group_id or settings.trainer.group_id
         self.idle_timeout_s = idle_timeout_s
         self.poll_timeout_s = poll_timeout_s
@@ -209,23 +222,36 @@ class KafkaBatchSource(IterableDataset[SourcedBatch]):
         consumer.assign(assigned)
         with self._lock:
             resume = dict(self._resume)
+        recorded = self.start_record.load(self.topic) if self.start_record else {}
+        origin: dict[int, str] = {}
         for tp in assigned:
-            if tp.partition in resume:
-                consumer.seek(tp, resume[tp.partition])
-            elif self.from_beginning:
+            p = tp.partition
+            if p in resume:
+                consumer.seek(tp, resume[p])
+                origin[p] = "checkpoint"
+            elif p in recorded:
+                consumer.seek(tp, recorded[p])
+                origin[p] = "recorded start"
+            elif (committed := consumer.committed(tp)) is not None:
+                consumer.seek(tp, committed)
+                origin[p] = f"offset committed by group {self.group_id}"
+            elif self.start == "earliest":
                 consumer.seek_to_beginning(tp)
+                origin[p] = "earliest retained"
             else:
-                committed = consumer.committed(tp)
-                if committed is not None:
-                    consumer.seek(tp, committed)
-                else:
-                    consumer.seek_to_end(tp)
+                consumer.seek_to_end(tp)
+                origin[p] = "latest: new batches only"
         # Resolve every start position now: an unread partition's "end" must be pinned in
         # the first checkpoint, or a restart would skip what was written in between.
         positions = {tp.partition: consumer.position(tp) for tp in assigned}
+        resolved = {p: o for p, o in positions.items()
+                    if origin[p] not in ("checkpoint", "recorded start")}
+        if resolved and self.start_record is not None:
+            self.start_record.add(self.topic, resolved)
         with self._lock:
             self._positions = positions
-        log.info("reading %s partitions %s from offsets %s", self.topic, wanted, positions)
+        log.info("reading %s partitions %s from %s", self.topic, wanted,
+                 ", ".join(f"{p}@{o} ({origin[p]})" for p, o in sorted(positions.items())))
         return assigned
 
     def _topic_partitions(self, consumer: KafkaConsumer) -> list[int]:
@@ -263,15 +289,24 @@ class KafkaBatchSource(IterableDataset[SourcedBatch]):
             )
 
     def _decode(self, message: Any) -> CuratedBatch | None:
+        """The batch in ``message``; ``None`` (counted and logged) for anything else."""
         self.counters.records += 1
+        if message.value is None:  # a tombstone: nothing to decode
+            self._skip(message, "tombstone", "the message value is null (a Kafka tombstone)")
+            return None
         try:
             return cast(CuratedBatch, decode(message.value, "CuratedBatch"))
         except DecodeError as exc:
-            self.counters.drop(exc.reason)
-            log.warning(
-                "skipping %s[%d]@%d: %s", message.topic, message.partition, message.offset, exc
-            )
-            return None
+            self._skip(message, exc.reason, exc.detail)
+        except Exception as exc:  # a decoder failure on hostile bytes is this record's
+            # problem: raising it would stop the trainer at the same offset on every restart
+            self._skip(message, "undecodable", f"{type(exc).__name__}: {exc}")
+        return None
+
+    def _skip(self, message: Any, reason: str, detail: str) -> None:
+        self.counters.drop(reason)
+        log.warning("skipping %s[%d]@%d: %s: %s", message.topic, message.partition,
+                    message.offset, reason, detail)
 
 
 def _round_robin(polled: dict[TopicPartition, list[Any]]) -> Iterator[Any]:

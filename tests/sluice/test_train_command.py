@@ -41,7 +41,8 @@ def test_without_flags_the_run_is_the_settings(handed: list[TrainerConfig],
     assert result.output.startswith("max_steps at step 3 (from 0)")
     cfg = handed[0].trainer
     assert cfg.model is None and cfg.model_options == {} and cfg.max_steps is None
-    assert not cfg.from_beginning and cfg.holdout_fraction == 0.05
+    assert cfg.start == "earliest" and cfg.holdout_fraction == 0.05
+    assert cfg.metrics_host == "127.0.0.1"
     assert cfg.idle_timeout_s is None and cfg.eval_file is None
     assert cfg.checkpoint_dir == tmp_path / "state" / "checkpoints"
 
@@ -54,7 +55,7 @@ def test_flags_override_their_settings(handed: list[TrainerConfig], tmp_path: Pa
     eval_file.write_text("")
     result = CliRunner().invoke(cli, [
         "train", "--model", "byte-lm", "--model-option", "dim=96", "--model-option",
-        "name=tiny", "--model-option", "tied=true", "--max-steps", "5", "--from-beginning",
+        "name=tiny", "--model-option", "tied=true", "--max-steps", "5", "--start", "latest",
         "--holdout", "0", "--stop-when-idle", "2.5", "--device", "cpu",
         "--checkpoint-dir", str(tmp_path / "ckpt"), "--eval-file", str(eval_file),
     ])
@@ -62,10 +63,16 @@ def test_flags_override_their_settings(handed: list[TrainerConfig], tmp_path: Pa
     cfg = handed[0].trainer
     assert cfg.model == "byte-lm"
     assert cfg.model_options == {"dim": 96, "layers": 1, "name": "tiny", "tied": True}
-    assert (cfg.max_steps, cfg.from_beginning, cfg.holdout_fraction) == (5, True, 0.0)
+    assert (cfg.max_steps, cfg.start, cfg.holdout_fraction) == (5, "latest", 0.0)
     assert (cfg.idle_timeout_s, cfg.device, cfg.eval_file) == (2.5, "cpu", eval_file)
     assert cfg.checkpoint_dir == tmp_path / "ckpt"
     assert cfg.eval_every == 7  # what no flag names stays as set
+
+
+def test_start_takes_only_earliest_or_latest(handed: list[TrainerConfig]) -> None:
+    result = CliRunner().invoke(cli, ["train", "--start", "beginning"])
+    assert result.exit_code == 2 and "'earliest', 'latest'" in result.output
+    assert handed == []
 
 
 def test_a_model_option_without_a_value_is_a_usage_error(handed: list[TrainerConfig]) -> None:

@@ -31,7 +31,8 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _trainer(settings: Settings, feedback: str, ckpt: Path, *args: str) -> subprocess.Popen[str]:
+def _trainer(settings: Settings, feedback: str, ckpt: Path, *args: str,
+             checkpoint_every: int = 10) -> subprocess.Popen[str]:
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
@@ -40,7 +41,7 @@ def _trainer(settings: Settings, feedback: str, ckpt: Path, *args: str) -> subpr
         "SLUICE_TOPICS__BATCHES": settings.topics.batches,
         "SLUICE_TOPICS__FEEDBACK": feedback,
         "SLUICE_TOPICS__METRICS": create_topic(settings, "crash-metrics", 1),
-        "SLUICE_TRAINER__CHECKPOINT_EVERY": "10",
+        "SLUICE_TRAINER__CHECKPOINT_EVERY": str(checkpoint_every),
         "SLUICE_TRAINER__KEEP_CHECKPOINTS": "1000",
         "SLUICE_TRAINER__EVAL_EVERY": "100",
         "SLUICE_METRICS__TRAINER_PORT": "0",
@@ -48,7 +49,7 @@ def _trainer(settings: Settings, feedback: str, ckpt: Path, *args: str) -> subpr
     }
     return subprocess.Popen(
         [sys.executable, "-m", "sluice.cli", "train", "--checkpoint-dir", str(ckpt),
-         "--from-beginning", "--holdout", "0", *args],
+         "--holdout", "0", *args],
         cwd=ckpt.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
@@ -137,6 +138,43 @@ def test_sigkill_mid_run_resumes_without_gap_or_repeat(
         chain = chain_hash(chain, b, digest[b])
     assert manifests[-1]["chain"] == chain and manifests[-1]["batch_count"] == total
     assert manifests[-1]["offsets"] == {str(p): total // 4 for p in range(4)}
+
+
+def test_sigkill_before_the_first_checkpoint_restarts_from_the_start(
+    batches: tuple[Settings, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    """A new trainer starts at the oldest batch waiting (no --start given) and records
+    it; killed before any checkpoint, its restart trains every batch once from there."""
+    settings, made = batches
+    total = len(made)
+    ckpt = tmp_path / "checkpoints"
+    fb1 = create_topic(settings, "early-feedback-1", 1)
+    fb2 = create_topic(settings, "early-feedback-2", 1)
+
+    first = _trainer(settings, fb1, ckpt, checkpoint_every=10_000)
+    try:
+        assert len(consume_all(settings, fb1, 5, timeout_s=60)) >= 5, "run 1 trained nothing"
+    finally:
+        first.send_signal(signal.SIGKILL)
+        _, err = first.communicate(timeout=30)
+    assert first.returncode == -9
+    assert CheckpointStore(ckpt).checkpoints() == []
+    assert "0@0 (earliest retained)" in err  # it says where it starts
+    starts = json.loads((ckpt / "start-rank0.json").read_text())
+    assert starts == {"topic": settings.topics.batches,
+                      "offsets": {str(p): 0 for p in range(4)}}
+
+    second = _trainer(settings, fb2, ckpt, "--max-steps", str(total))
+    out, err = second.communicate(timeout=120)
+    assert second.returncode == 0, err[-3000:]
+    assert "0@0 (recorded start)" in err and f"max_steps at step {total} (from 0)" in out
+    trained = _feedback_ids(settings, fb2, total)
+    assert [s for s, _ in trained] == list(range(1, total + 1))
+    ids = [b for _, b in trained]
+    assert sorted(ids) == sorted(b["batch_id"] for b in made)  # every batch, once
+    for partition in range(4):  # each partition in its offset order
+        mine = [b for b in ids if b.startswith(f"{partition}-")]
+        assert mine == [b["batch_id"] for b in made if b["partition"] == partition]
 
 
 def test_sigterm_stops_after_the_step_with_a_final_checkpoint(

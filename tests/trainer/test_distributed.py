@@ -53,7 +53,7 @@ def test_two_ranks_train_disjoint_partitions_into_one_checkpoint(
     done = subprocess.run(
         [str(TORCHRUN if TORCHRUN.exists() else shutil.which("torchrun")), "--standalone",
          "--nproc_per_node", "2", "-m", "sluice.cli", "train", "--max-steps", str(steps),
-         "--checkpoint-dir", str(ckpt), "--from-beginning", "--holdout", "0"],
+         "--checkpoint-dir", str(ckpt), "--holdout", "0"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 0, done.stderr[-3000:]

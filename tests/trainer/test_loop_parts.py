@@ -1,16 +1,22 @@
-"""The loop's pure parts: learning rate, per-sample losses, macro-F1, the held-out hash."""
+"""The loop's pure parts: learning rate, per-sample losses, macro-F1, the held-out hash,
+what ``prepare`` does with a batch the model cannot use."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from schemas.records import BatchSample, CuratedBatch
+from trainer.batches import prepare
 from trainer.config import TrainerSettings
 from trainer.evaluate import EvalSet, is_heldout, macro_f1
 from trainer.loop import get_lr, per_sample
-from trainer.models import IGNORE
+from trainer.models import IGNORE, EmbeddingClassifier, TrainBatch
+from trainer.source import SourcedBatch
 
 
 def test_learning_rate_warms_up_then_holds_or_decays() -> None:
@@ -61,3 +67,49 @@ def test_the_eval_set_keeps_distinct_newest_samples() -> None:
     evals.add([sample(1), sample(2), sample(1), sample(3)])  # type: ignore[list-item]
     evals.add([sample(4)])  # type: ignore[list-item]
     assert [s["id"] for s in evals.samples()] == ["s1", "s3", "s4"]
+
+
+def _sourced(samples: list[BatchSample]) -> SourcedBatch:
+    batch = CuratedBatch(batch_id="b", partition=0, sequence=0, created_at=0, policy="p",
+                         samples=samples, class_shares={}, target_shares={}, difficulty={},
+                         content_digest="d")
+    return SourcedBatch("t", 0, 7, batch, 0)
+
+
+def _sample(sample_id: str, embedding: np.ndarray) -> BatchSample:
+    return BatchSample(id=sample_id, label="x", kind="CODE", source="s", content="x = 1",
+                       embedding=embedding.astype("<f2").tobytes(),
+                       embedding_dim=len(embedding), weight=1.0, replay=False)
+
+
+def test_prepare_skips_what_the_model_cannot_collate_instead_of_raising() -> None:
+    plugin = EmbeddingClassifier(embedding_dim=8, hidden=4)
+    ids = [f"s{i}" for i in range(40)]
+    held = [i for i in ids if is_heldout(i, 0.3)][:2]
+    train = [i for i in ids if not is_heldout(i, 0.3)][:3]
+    ok, nan = np.ones(8), np.full(8, np.nan)
+
+    fine = prepare(plugin, 0.3, _sourced([_sample(i, ok) for i in train + held]))
+    assert fine.skipped is None and fine.train is not None and len(fine.train) == 3
+    assert [s["id"] for s in fine.heldout] == held
+
+    # A NaN in a trained sample would make the step's loss NaN: the batch is skipped.
+    poisoned = prepare(plugin, 0.3, _sourced(
+        [_sample(train[0], nan)] + [_sample(i, ok) for i in train[1:] + held]))
+    assert (poisoned.skipped, poisoned.train, poisoned.heldout) == ("unusable", None, [])
+    wrong_dim = prepare(plugin, 0.3, _sourced([_sample(i, np.ones(4)) for i in train]))
+    assert wrong_dim.skipped == "unusable"
+    assert prepare(plugin, 0.3, _sourced([])).skipped == "empty"
+
+    # A bad held-out sample stays out of the evaluation set; the batch still trains.
+    bad_eval = prepare(plugin, 0.3, _sourced(
+        [_sample(i, ok) for i in train] + [_sample(held[0], nan), _sample(held[1], ok)]))
+    assert bad_eval.train is not None and bad_eval.heldout_dropped == 1
+    assert [s["id"] for s in bad_eval.heldout] == [held[1]]
+
+    class Fragile(EmbeddingClassifier):
+        def collate(self, batch_id: str, samples: Sequence[BatchSample]) -> TrainBatch:
+            raise ValueError("a plugin bug on this content")
+
+    assert prepare(Fragile(embedding_dim=8), 0.0, _sourced(
+        [_sample(i, ok) for i in train])).skipped == "unusable"

@@ -54,7 +54,7 @@ def test_it_reads_every_batch_in_offset_order_and_skips_what_does_not_decode(
     loaded_topic: tuple[Settings, list[str]],
 ) -> None:
     settings, produced = loaded_topic
-    source = KafkaBatchSource(settings, from_beginning=True, idle_timeout_s=1.5)
+    source = KafkaBatchSource(settings, idle_timeout_s=1.5)
     items = list(DataLoader(source, batch_size=None))
 
     assert sorted(_ids(items)) == sorted(produced)
@@ -69,7 +69,7 @@ def test_state_dict_resumes_at_the_next_batch_without_gap_or_repeat(
     loaded_topic: tuple[Settings, list[str]],
 ) -> None:
     settings, produced = loaded_topic
-    first = KafkaBatchSource(settings, from_beginning=True, idle_timeout_s=1.5)
+    first = KafkaBatchSource(settings, idle_timeout_s=1.5)
     iterator = iter(first)
     head = list(itertools.islice(iterator, 13))
     state = first.state_dict()
@@ -92,7 +92,7 @@ def test_ranks_split_the_partitions_and_committed_offsets_are_a_fallback(
     settings, _ = loaded_topic
     assert rank_partitions([0, 1, 2], 0, 2) == [0, 2]
     assert rank_partitions([0, 1, 2], 1, 2) == [1]
-    rank1 = KafkaBatchSource(settings, rank=1, world_size=2, from_beginning=True,
+    rank1 = KafkaBatchSource(settings, rank=1, world_size=2,
                              group_id="trainer-source-test", idle_timeout_s=1.0)
     items = list(rank1)
     assert {i.partition for i in items} == {1} and len(items) == 10

@@ -62,8 +62,7 @@ def _report(name: str, result: TrainResult) -> None:
 def test_the_classifier_learns_the_package_of_real_code(stack: Settings, tmp_path: Path) -> None:
     steps = 300
     settings = _settings(stack, 4, checkpoint_every=100, eval_every=100, warmup_steps=20,
-                         max_steps=steps, checkpoint_dir=tmp_path, from_beginning=True,
-                         holdout_fraction=HOLDOUT)
+                         max_steps=steps, checkpoint_dir=tmp_path, holdout_fraction=HOLDOUT)
     samples = batch_samples(list(stdlib_functions()), content_chars=200)
     produce(settings, settings.topics.batches, make_batches(samples, steps, 32, 4, seed=1))
 
@@ -110,8 +109,7 @@ def test_the_byte_lm_learns_real_code(stack: Settings, tmp_path: Path) -> None:
     settings = _settings(stack, 2, eval_every=60, checkpoint_every=60, warmup_steps=10,
                          lr=3e-3, model="byte-lm",
                          model_options={"block_size": 96, "dim": 96, "layers": 2, "heads": 4},
-                         max_steps=steps, checkpoint_dir=tmp_path, from_beginning=True,
-                         holdout_fraction=0.1)
+                         max_steps=steps, checkpoint_dir=tmp_path, holdout_fraction=0.1)
     samples = batch_samples(list(stdlib_functions()), content_chars=200)
     produce(settings, settings.topics.batches, make_batches(samples, steps, 16, 2, seed=2))
 
@@ -129,7 +127,7 @@ def test_held_out_samples_from_a_jsonl_file(stack: Settings, tmp_path: Path) -> 
     """--eval-file replaces the hash slice: every sample in the batches is trained on."""
     eval_file = tmp_path / "eval.jsonl"
     settings = _settings(stack, 1, eval_every=10, max_steps=20, checkpoint_dir=tmp_path / "ckpt",
-                         from_beginning=True, eval_file=eval_file)
+                         eval_file=eval_file)
     samples = batch_samples(list(stdlib_functions(scale=0.1)), content_chars=100)
     produce(settings, settings.topics.batches, make_batches(samples, 20, 16, 1))
     eval_file.write_text("\n".join(_jsonl(s) for s in samples[::5]))

@@ -33,7 +33,9 @@ __all__ = [
 def load_plugin(spec: str, options: dict[str, Any] | None = None) -> ModelPlugin:
     """Build the plugin named by ``spec`` (a built-in name or ``module:factory``).
 
-    ``options`` are passed to the factory as keywords (a checkpoint's ``config()``).
+    ``options`` are passed to the factory as keywords (a checkpoint's ``config()``). It
+    imports and calls what ``spec`` names: hand it a configured spec, never one read from
+    data such as a checkpoint (``trainer.run_state.build_model`` compares those).
     """
     target = BUILTIN.get(spec, spec)
     module_name, sep, attr = target.partition(":")

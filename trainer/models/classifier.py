@@ -123,6 +123,10 @@ class EmbeddingClassifier(ModelPlugin):
                 )
             rows.append(decode_embedding(s["embedding"], dim))
         x = torch.from_numpy(np.stack(rows))
+        if not torch.isfinite(x).all():
+            # One NaN or infinity makes the step's loss NaN and the weights with it.
+            bad = [s["id"] for s, row in zip(samples, x, strict=True) if not row.isfinite().all()]
+            raise BatchError(f"batch {batch_id}: samples {bad} have non-finite embeddings")
         ids, labels = [s["id"] for s in samples], [s["label"] for s in samples]
         return TrainBatch(batch_id, ids, labels, {"x": x})
 
