@@ -3,22 +3,58 @@ by id), update the class EMA, and every ``batch_size`` new samples compose a bat
 policy's target shares (× the difficulty factor from feedback), with up to
 ``replay_fraction`` of it hard examples.
 
-Its state (EMA, rounding credit, sequence, pending count) is a JSON-able dict that the
-Faust agent keeps in a changelog-backed table: it sets ``state`` before ``run`` and
-reassigns the table value from it afterwards.
+Its state (EMA, rounding credit, sequence, pending count, last offset counted) is a
+JSON-able dict that the Faust agent keeps in a changelog-backed table: it sets ``state``
+before ``run`` and reassigns the table value from it afterwards.
+
+What survives a failure anywhere between Redis and Kafka:
+
+- **Counting.** A sample counts once. It is fresh when its id is new to the buffers, or
+  when the buffers say this very message (same offset) buffered it and the state has not
+  counted that offset yet: a run that failed after the Redis add (a draw that raised, a
+  crash before the table write) is counted on its retry, a replay never.
+- **Draw and send.** The draw and the batch's record are one Redis script
+  (``ClassBuffers.compose``): the rows drawn, the batch's meta and the state after it are
+  kept until the sender ``confirm``s the send. A step that finds a record it did not hand
+  out (a crash, a rebalance, a failed send) re-sends it (same id, same bytes) and takes
+  its state when the table is behind. Batches are therefore delivered at least once;
+  duplicates carry the same batch id.
+- **Size.** No batch exceeds ``message_limit`` (the broker's ``max.message.bytes``): a
+  sample's content is cut to its share of the limit when buffered, and the assembled batch
+  is fitted exactly (``agents.compose.fit_samples``). Cuts are counted by kind.
+- **Labels.** A label that is not valid text (``label_problem``) or beyond the first
+  ``max_labels`` of the namespace goes to ``overflow_label``, counted by reason.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from agents.compose import allocate_with_credit, assemble_batch, batch_order
+from agents.buffers import Admitted, Recorded, SequenceTaken
+from agents.compose import (
+    allocate_with_credit,
+    assemble_batch,
+    batch_id,
+    batch_order,
+    batch_overhead,
+    fit_samples,
+    kafka_reserve,
+    label_problem,
+    utf8_prefix,
+)
 from agents.config import BalanceSettings
-from agents.policy import label_for, targets_for
+from agents.policy import PolicyError, label_for, targets_for
 from agents.stats import ClassEMA
 from agents.step import Item, Outcome, Step, now_ms
 from schemas.records import CuratedBatch, CuratedSample
+from streams.config import TopicSettings
+from streams.metrics import RESENT, class_in, dropped, relabeled, truncated
+
+DEFAULT_MESSAGE_LIMIT = TopicSettings().max_message_bytes
+#: The least content budget per sample the settings may leave (else a start-up error).
+MIN_SAMPLE_BYTES = 2048
 
 
 class Buffers(Protocol):
@@ -26,11 +62,14 @@ class Buffers(Protocol):
 
     partition: int
 
-    def add(self, sample: Mapping[str, Any]) -> bool: ...
-    def draw(self, counts: Mapping[str, int], exclude: Sequence[str] = ...
-             ) -> list[dict[str, Any]]: ...
-    def pop_replay(self, n: int) -> list[dict[str, Any]]: ...
+    def admit(self, sample: Mapping[str, Any], offset: int | None = ...) -> Admitted: ...
+    def admit_label(self, label: str, limit: int) -> bool: ...
+    def compose(self, sequence: int, counts: Mapping[str, int], replays: int,
+                meta: Mapping[str, Any]) -> list[dict[str, Any]]: ...
+    def unsent(self) -> list[Recorded]: ...
+    def confirm(self, sequence: int) -> None: ...
     def sizes(self) -> dict[str, int]: ...
+    def replay_size(self) -> int: ...
     def evictions(self) -> dict[str, int]: ...
 
 
@@ -40,70 +79,186 @@ class Difficulty(Protocol):
     def difficulty(self) -> dict[str, float]: ...
 
 
-class Balance(Step):
-    """Samples of one partition in; the batches it composed out (a sink step).
+def sample_share(settings: BalanceSettings, message_limit: int) -> int:
+    """Bytes of one sample's content at most when buffered: its share of the limit, less a
+    reserve for the batch's own fields (``PolicyError`` when that leaves too little)."""
+    share = (message_limit - 1024 - message_limit // 64) // settings.batch_size
+    if share < MIN_SAMPLE_BYTES:
+        raise PolicyError(
+            f"topics.max_message_bytes = {message_limit} leaves {share} bytes per sample for "
+            f"balance.batch_size = {settings.batch_size}; at least {MIN_SAMPLE_BYTES} are "
+            "needed: raise the limit or lower the batch size")
+    problem = label_problem(settings.overflow_label)
+    if problem:
+        raise PolicyError(f"balance.overflow_label {settings.overflow_label!r}: {problem}")
+    return share
 
-    ``counters["replayed"]`` counts samples already buffered before (replays change
-    nothing).
+
+class Balance(Step):
+    """Samples of one partition in; the batches it composed, or re-sends, out (a sink).
+
+    The caller sends each batch and then calls ``confirm(batch)``; ``release()`` hands the
+    unconfirmed ones back, so the next run re-sends them. Counters: ``replayed`` (samples
+    already counted), ``batches.resent``, ``truncated.<kind>``, ``relabeled.<reason>`` and
+    ``in.label.<label>`` (the class each sample was counted in).
     """
 
     name = "balance"
 
-    def __init__(self, settings: BalanceSettings, buffers: Buffers,
-                 losses: Difficulty) -> None:
+    def __init__(self, settings: BalanceSettings, buffers: Buffers, losses: Difficulty, *,
+                 message_limit: int = DEFAULT_MESSAGE_LIMIT) -> None:
         super().__init__()
         self.settings = settings
         self.buffers = buffers
         self.losses = losses
         self.partition = buffers.partition
         self.policy = label_for(settings)
+        self.message_limit = int(message_limit)
+        self.content_cap = sample_share(settings, self.message_limit)
         #: The partition's state (the Faust table value); a fresh dict after every run.
         self.state: dict[str, Any] = {}
+        self._in_flight: set[int] = set()  # sequences handed out, not yet confirmed
 
+    # -- the caller's side of the outbox --------------------------------------------------
+    def confirm(self, batch: CuratedBatch) -> None:
+        """``batch`` was delivered: its record can go."""
+        self.buffers.confirm(int(batch["sequence"]))
+        self._in_flight.discard(int(batch["sequence"]))
+
+    def release(self) -> None:
+        """Batches handed out and not confirmed are re-sent by the next run."""
+        self._in_flight.clear()
+
+    # -- the step ------------------------------------------------------------------------
     def process(self, items: Sequence[Item]) -> list[Outcome]:
-        """Buffer every sample; a batch outcome each time ``batch_size`` new ones arrived."""
+        """Buffer every sample; a batch each time ``batch_size`` new ones were counted, and
+        first any recorded batch that nobody is sending."""
         state = dict(self.state)
-        batches = []
+        out: list[CuratedBatch] = []
         for item in items:
-            batch = self._add(item.record, state)
+            sample, notes = self._bounded(item.record)
+            offset = item.coords.offset
+            admitted = self.buffers.admit(sample, offset)
+            handed = self._in_flight | {int(b["sequence"]) for b in out}
+            if admitted.unsent > len(handed):
+                state, resent = self._recover(state, handed)
+                out += resent
+            if not _fresh(admitted, offset, state):
+                self.counters["replayed"] += 1
+                continue
+            self.counters.update(notes)
+            batch = self._count(sample, offset, state)
             if batch is not None:
-                batches.append(Outcome(batch, rejected=False))
+                out.append(batch)
         self.state = state
-        return batches
+        self._in_flight |= {int(b["sequence"]) for b in out}
+        return [Outcome(batch, rejected=False) for batch in out]
 
-    def _add(self, sample: CuratedSample, state: dict[str, Any]) -> CuratedBatch | None:
-        if not self.buffers.add(sample):
-            self.counters["replayed"] += 1
-            return None
+    def _bounded(self, sample: CuratedSample) -> tuple[dict[str, Any], list[str]]:
+        """The sample as buffered: a bounded label, content within its share; and the
+        counters to add if it is fresh."""
+        b = self.settings
+        label, notes = sample["label"], []
+        problem = label_problem(label)
+        if problem is not None:
+            label, notes = b.overflow_label, [relabeled(problem)]
+        elif label != b.overflow_label and not self.buffers.admit_label(label, b.max_labels):
+            label, notes = b.overflow_label, [relabeled("overflow")]
+        content = utf8_prefix(sample["content"], self.content_cap)
+        if len(content) < len(sample["content"]):
+            notes.append(truncated(sample["kind"]))
+        self.counters[class_in(label)] += 1
+        return {**sample, "label": label, "content": content}, notes
+
+    def _count(self, sample: Mapping[str, Any], offset: int, state: dict[str, Any]
+               ) -> CuratedBatch | None:
         b = self.settings
         ema = ClassEMA.restore(state.get("ema"), b.alpha, b.window)
         ema.update(sample["label"])
         state["ema"] = ema.to_dict()
+        state["offset"] = offset
         state["pending"] = int(state.get("pending", 0)) + 1
         if state["pending"] < b.batch_size:
             return None
-        batch = self.compose(ema, state)
-        if batch is not None:
-            state["pending"] = 0
-        return batch
+        return self.compose(ema, state)
 
     def compose(self, ema: ClassEMA, state: dict[str, Any]) -> CuratedBatch | None:
-        """Draw one batch by the policy; updates ``state`` (sequence, credit) in place."""
+        """Draw and record one batch by the policy; on success ``state`` becomes the state
+        after it (sequence, credit, pending)."""
         b = self.settings
         difficulty = self.losses.difficulty()
         targets = targets_for(ema.get(), b, difficulty)
-        replays = self.buffers.pop_replay(int(b.batch_size * b.replay_fraction))
+        replays = min(int(b.batch_size * b.replay_fraction), self.buffers.replay_size())
         counts, credit = allocate_with_credit(
-            b.batch_size - len(replays), targets.shares, self.buffers.sizes(),
+            b.batch_size - replays, targets.shares, self.buffers.sizes(),
             state.get("credit") or {})
-        drawn = self.buffers.draw(counts, exclude=[r["id"] for r in replays]) + replays
-        if not drawn:
+        while True:
+            sequence = int(state.get("sequence", 0))
+            after = {**state, "sequence": sequence + 1, "credit": credit, "pending": 0}
+            meta = {"created_at": now_ms(), "policy": self.policy, "seed": b.seed,
+                    "class_shares": ema.shares(), "target_shares": targets.shares,
+                    "weights": targets.weights, "difficulty": difficulty, "state": after}
+            try:
+                rows = self.buffers.compose(sequence, counts, replays, meta)
+            except SequenceTaken as taken:
+                if taken.next <= sequence:
+                    raise
+                # The table is behind the buffers (its changelog lost writes): never reuse
+                # a batch id, take the next free sequence.
+                state["sequence"] = taken.next
+                continue
+            if not rows:
+                return None
+            state.clear()
+            state.update(after)
+            # Assembled from the meta as the record keeps it (JSON), so a re-send from
+            # the record is the same batch, byte for byte.
+            kept = json.loads(json.dumps(meta, sort_keys=True))
+            return self._assemble(Recorded(sequence, kept, rows))
+
+    def _recover(self, state: dict[str, Any], handed: set[int]
+                 ) -> tuple[dict[str, Any], list[CuratedBatch]]:
+        """Recorded batches nobody is sending, to send again; the state after the newest of
+        them when the table's state is behind it."""
+        resent = []
+        for recorded in self.buffers.unsent():
+            if recorded.sequence in handed:
+                continue
+            if recorded.sequence >= int(state.get("sequence", 0)):
+                state = dict(recorded.meta["state"])
+            batch = self._assemble(recorded)
+            if batch is not None:
+                self.counters[RESENT] += 1
+                resent.append(batch)
+        return state, resent
+
+    def _assemble(self, recorded: Recorded) -> CuratedBatch | None:
+        """The batch of a record, the same every time: ordered, fitted to the limit."""
+        meta, sequence = recorded.meta, recorded.sequence
+        ordered = batch_order(recorded.rows, int(meta["seed"]), self.partition, sequence)
+        fixed = batch_overhead(
+            partition=self.partition, sequence=sequence, created_at=int(meta["created_at"]),
+            policy=str(meta["policy"]), class_shares=meta["class_shares"],
+            target_shares=meta["target_shares"], difficulty=meta["difficulty"],
+            samples=len(ordered))
+        key = len(batch_id(self.partition, sequence, "0" * 64))
+        fitted = fit_samples(ordered, self.message_limit - kafka_reserve(self.message_limit, key)
+                             - fixed)
+        self.counters.update(truncated(s["kind"]) for s in fitted.truncated)
+        self.counters.update(dropped(f"too_large.{s['kind']}") for s in fitted.dropped)
+        if not fitted.samples:
+            self.buffers.confirm(sequence)  # nothing can be sent: counted above
             return None
-        sequence = int(state.get("sequence", 0))
-        state["sequence"] = sequence + 1
-        state["credit"] = credit
         return assemble_batch(
-            partition=self.partition, sequence=sequence,
-            samples=batch_order(drawn, b.seed, self.partition, sequence),
-            policy=self.policy, class_shares=ema.shares(), target_shares=targets.shares,
-            weights=targets.weights, difficulty=difficulty, created_at=now_ms())
+            partition=self.partition, sequence=sequence, samples=fitted.samples,
+            policy=str(meta["policy"]), class_shares=meta["class_shares"],
+            target_shares=meta["target_shares"], weights=meta["weights"],
+            difficulty=meta["difficulty"], created_at=int(meta["created_at"]))
+
+
+def _fresh(admitted: Admitted, offset: int, state: Mapping[str, Any]) -> bool:
+    """Whether a sample is still to be counted (see the module doc)."""
+    if admitted.new:
+        return True
+    counted = state.get("offset")
+    return admitted.first_offset == offset and (counted is None or offset > int(counted))

@@ -1,8 +1,11 @@
 """Per-class sample buffers of one samples partition, kept in Redis.
 
 A sample acknowledged by the balance stage must survive a crash, so it is in Redis before
-``add`` returns; every change is one server-side Lua script, so two calls never interleave
-and a crash never leaves half an update.
+``add`` returns; every change is one server-side Lua script (``agents.buffer_scripts``), so
+two calls never interleave and a crash never leaves half an update. A batch's draw and its
+record are one script too (``compose``): the drawn rows and the batch's meta stay in the
+outbox until the sender ``confirm``s the send, so a crash between the draw and the send
+loses neither the batch nor the uses it consumed (``unsent`` gives it back to re-send).
 
 Keys, under ``sluice:<namespace>:buf:{<partition>}`` (the braces are a Redis Cluster hash
 tag: one partition's keys share a slot, which its scripts need):
@@ -12,10 +15,14 @@ tag: one partition's keys share a slot, which its scripts need):
 | ``…:s:<id>``           | hash   | the sample: the BatchSample fields, ``digest``, ``uses``    |
 | ``…:q:<label>``        | list   | ids of the class waiting to be drawn, oldest first          |
 | ``…:classes``          | set    | every label ever buffered                                   |
-| ``…:seen``             | hash   | ids ever added (field TTL ``seen_ttl_s``): replays are no-ops|
+| ``…:seen``             | hash   | id → ``@<offset>`` that first added it (field TTL         |
+|                        |        | ``seen_ttl_s``): replays are no-ops                        |
 | ``…:evictions``        | hash   | label → samples evicted because the class was full          |
 | ``…:replay``           | zset   | hard examples to replay, by arrival                         |
 | ``…:replay:seq``       | string | the replay arrival counter                                  |
+| ``…:outbox``           | zset   | sequences of composed batches not yet confirmed sent       |
+| ``…:outbox:<sequence>``| hash   | that batch: ``meta`` (JSON), ``n``, ``<i>:<field>`` per row |
+| ``…:outbox:next``      | string | the next free batch sequence of the partition              |
 
 A drawn sample goes back to the tail of its class list until it has been drawn
 ``reuse_cap`` times, so a scarce class is oversampled up to that cap. A sample that
@@ -26,14 +33,18 @@ example; one evicted before any use is deleted at once.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import redis
 
+from agents import buffer_scripts
 from agents.config import BalanceSettings
-from agents.keys import buffer_prefix
+from agents.identity import store_id
+from agents.keys import buffer_prefix, labels_key
 from schemas.errors import SluiceError
 
 
@@ -41,108 +52,41 @@ class BufferStoreError(SluiceError):
     """A sample cannot be buffered or drawn (bad sample, Redis unreachable or refusing)."""
 
 
+class SequenceTaken(BufferStoreError):
+    """A batch sequence below the partition's next free one was asked for (the caller's
+    state is behind the buffers'); ``next`` is the next free one."""
+
+    def __init__(self, sequence: int, next_free: int) -> None:
+        super().__init__(f"batch sequence {sequence} is taken; the next free one is "
+                         f"{next_free}")
+        self.next = next_free
+
+
+class Admitted(NamedTuple):
+    """What ``admit`` found."""
+
+    new: bool
+    """The id was buffered now (False: it had been before)."""
+    first_offset: int | None
+    """The samples offset that first buffered the id (None: not known)."""
+    unsent: int
+    """Composed batches recorded in the outbox and not yet confirmed sent."""
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """A composed batch as the outbox keeps it: what re-sending it needs."""
+
+    sequence: int
+    meta: dict[str, Any]
+    """What the composer stored with the draw (JSON-able)."""
+    rows: list[dict[str, Any]]
+    """The drawn samples in draw order (``draw``'s form), replays last."""
+
+
 SAMPLE_FIELDS = ("id", "label", "kind", "source", "content", "digest", "embedding",
                  "embedding_dim")
 _TEXT_FIELDS = ("id", "label", "kind", "source", "content", "digest")
-
-# Shared Lua: a sample leaving the buffer expires after retain seconds (0: at once).
-_RELEASE = """
-local function release(skey, retain)
-  if retain > 0 then redis.call('EXPIRE', skey, retain) else redis.call('DEL', skey) end
-end
-"""
-
-# KEYS: seen, class list, classes, evictions
-# ARGV: id, label, buffer_cap, seen_ttl, retain, sample-key prefix, field, value, ...
-_ADD = _RELEASE + """
-local id, label = ARGV[1], ARGV[2]
-local cap, ttl, retain = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local prefix = ARGV[6]
-local skey = prefix .. id
--- A replayed id is a no-op; the payload check also covers a seen-mark that expired.
-if redis.call('HEXISTS', KEYS[1], id) == 1 or redis.call('EXISTS', skey) == 1 then
-  return 0
-end
-redis.call('HSET', KEYS[1], id, '1')
-if ttl > 0 then redis.call('HEXPIRE', KEYS[1], ttl, 'FIELDS', 1, id) end
-redis.call('HSET', skey, 'uses', '0', unpack(ARGV, 7))
-redis.call('RPUSH', KEYS[2], id)
-redis.call('SADD', KEYS[3], label)
-local evicted = 0
-while redis.call('LLEN', KEYS[2]) > cap do
-  local old = prefix .. redis.call('LPOP', KEYS[2])
-  -- Only a sample that went into a batch can come back as a hard example.
-  if redis.call('HGET', old, 'uses') == '0' then
-    redis.call('DEL', old)
-  else
-    release(old, retain)
-  end
-  evicted = evicted + 1
-end
-if evicted > 0 then redis.call('HINCRBY', KEYS[4], label, evicted) end
-return 1
-"""
-
-# KEYS: one class list per class drawn
-# ARGV: reuse_cap, retain, sample-key prefix, number of excluded ids, excluded ids...,
-#       then one count per KEYS entry
-_DRAW = _RELEASE + """
-local cap, retain, prefix = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-local nexcl = tonumber(ARGV[4])
-local excluded = {}
-for i = 1, nexcl do excluded[ARGV[4 + i]] = true end
-local out = {}
-for k, qkey in ipairs(KEYS) do
-  local want = tonumber(ARGV[4 + nexcl + k])
-  -- Visit each id present at the start at most once: re-queued ids go behind them.
-  local budget = redis.call('LLEN', qkey)
-  local got = 0
-  while got < want and budget > 0 do
-    local id = redis.call('LPOP', qkey)
-    budget = budget - 1
-    local skey = prefix .. id
-    if excluded[id] then
-      redis.call('RPUSH', qkey, id)
-    elseif redis.call('EXISTS', skey) == 1 then
-      local uses = redis.call('HINCRBY', skey, 'uses', 1)
-      out[#out + 1] = redis.call('HGETALL', skey)
-      got = got + 1
-      if uses < cap then redis.call('RPUSH', qkey, id) else release(skey, retain) end
-    end
-  end
-end
-return out
-"""
-
-# KEYS: replay zset, replay counter.  ARGV: sample-key prefix, replay_cap, ids...
-_PUSH_REPLAY = """
-local prefix, cap = ARGV[1], tonumber(ARGV[2])
-local queued = 0
-for i = 3, #ARGV do
-  local id = ARGV[i]
-  if redis.call('EXISTS', prefix .. id) == 1 and not redis.call('ZSCORE', KEYS[1], id) then
-    redis.call('ZADD', KEYS[1], redis.call('INCR', KEYS[2]), id)
-    queued = queued + 1
-  end
-end
--- Bounded: the oldest hard examples give way to the newest.
-redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(cap + 1))
-return queued
-"""
-
-# KEYS: replay zset.  ARGV: sample-key prefix, n
-_POP_REPLAY = """
-local prefix, n = ARGV[1], tonumber(ARGV[2])
-local out = {}
-while #out < n do
-  local head = redis.call('ZPOPMIN', KEYS[1])
-  if #head == 0 then break end
-  local skey = prefix .. head[1]
-  if redis.call('EXISTS', skey) == 1 then out[#out + 1] = redis.call('HGETALL', skey) end
-end
-return out
-"""
-
 
 class ClassBuffers:
     """Bounded per-class buffers of one samples partition (see the module doc).
@@ -182,10 +126,14 @@ class ClassBuffers:
         self.replay_cap = int(replay_cap if replay_cap is not None else buffer_cap)
         self.prefix = buffer_prefix(namespace, self.partition)
         self._sample_prefix = f"{self.prefix}:s:"
-        self._add = redis_client.register_script(_ADD)
-        self._draw = redis_client.register_script(_DRAW)
-        self._push_replay = redis_client.register_script(_PUSH_REPLAY)
-        self._pop_replay = redis_client.register_script(_POP_REPLAY)
+        self._labels_key = labels_key(namespace)
+        self._labels: set[str] = set()  # admitted labels seen here (never removed there)
+        self._add = redis_client.register_script(buffer_scripts.ADD)
+        self._draw = redis_client.register_script(buffer_scripts.DRAW)
+        self._compose = redis_client.register_script(buffer_scripts.COMPOSE)
+        self._push_replay = redis_client.register_script(buffer_scripts.PUSH_REPLAY)
+        self._pop_replay = redis_client.register_script(buffer_scripts.POP_REPLAY)
+        self._admit_label = redis_client.register_script(buffer_scripts.ADMIT_LABEL)
 
     # -- keys ----------------------------------------------------------------------------
     def _key(self, *parts: str) -> str:
@@ -200,7 +148,8 @@ class ClassBuffers:
         return self._sample_prefix + sample_id
 
     # -- adding --------------------------------------------------------------------------
-    def _add_call(self, sample: Mapping[str, Any]) -> tuple[list[str], list[Any]]:
+    def _add_call(self, sample: Mapping[str, Any], offset: int | None
+                  ) -> tuple[list[str], list[Any]]:
         try:
             label = str(sample["label"])
             fields: list[Any] = []
@@ -208,34 +157,52 @@ class ClassBuffers:
                 value = sample[name]
                 fields += [name, bytes(value) if name == "embedding" else str(value)]
             keys = [self._key("seen"), self.queue_key(label), self._key("classes"),
-                    self._key("evictions")]
-            args = [str(sample["id"]), label, self.buffer_cap, self.seen_ttl_s,
-                    self.retain_s, self._sample_prefix, *fields]
-        except (KeyError, TypeError) as exc:
+                    self._key("evictions"), self._key("outbox")]
+            mark = "1" if offset is None else f"@{int(offset)}"
+            # Keyed by its name in the stores: a later version of an id is a new sample.
+            args = [store_id(sample), label, self.buffer_cap, self.seen_ttl_s,
+                    self.retain_s, self._sample_prefix, mark, *fields]
+        except (KeyError, TypeError, ValueError) as exc:
             raise BufferStoreError(
                 f"sample {sample.get('id')!r} cannot be buffered: {exc!r}"
             ) from exc
         return keys, args
 
-    def add(self, sample: Mapping[str, Any]) -> bool:
-        """Buffer a sample (a CuratedSample dict); False if its id was already added.
+    def admit(self, sample: Mapping[str, Any], offset: int | None = None) -> Admitted:
+        """Buffer a sample read at ``offset`` of its samples partition, unless its id was
+        buffered before; say which, with the offset that first buffered it.
 
         Evicts the oldest samples of its class beyond ``buffer_cap`` (counted).
         """
-        keys, args = self._add_call(sample)
+        keys, args = self._add_call(sample, offset)
         with _redis_errors("add"):
-            return bool(self._add(keys=keys, args=args))
+            return _admitted(self._add(keys=keys, args=args))
+
+    def add(self, sample: Mapping[str, Any]) -> bool:
+        """Buffer a sample (a CuratedSample dict); False if its id was already added."""
+        return self.admit(sample).new
 
     def add_many(self, samples: Iterable[Mapping[str, Any]]) -> list[bool]:
         """``add`` for several samples in one round trip (each still atomic on its own)."""
-        calls = [self._add_call(s) for s in samples]
+        calls = [self._add_call(s, None) for s in samples]
         if not calls:
             return []
         with _redis_errors("add"):
             pipe = self.redis.pipeline(transaction=False)
             for keys, args in calls:
                 self._add(keys=keys, args=args, client=pipe)
-            return [bool(r) for r in pipe.execute()]
+            return [_admitted(r).new for r in pipe.execute()]
+
+    def admit_label(self, label: str, limit: int) -> bool:
+        """Whether ``label`` is one of the namespace's classes, admitting it while there
+        are fewer than ``limit`` (shared by every partition and worker; never shrinks)."""
+        if label in self._labels:
+            return True
+        with _redis_errors("admit_label"):
+            admitted = bool(self._admit_label(keys=[self._labels_key], args=[label, limit]))
+        if admitted:
+            self._labels.add(label)
+        return admitted
 
     # -- drawing -------------------------------------------------------------------------
     def draw(
@@ -258,6 +225,55 @@ class ClassBuffers:
         with _redis_errors("draw"):
             rows = self._draw(keys=keys, args=args)
         return [_decode_sample(row, replay=False) for row in rows]
+
+    # -- composing, with a record until the send is confirmed ----------------------------
+    def compose(self, sequence: int, counts: Mapping[str, int], replays: int,
+                meta: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Draw one batch and record it as ``sequence`` in the outbox, atomically.
+
+        Pops up to ``replays`` queued hard examples (marked ``replay``, last), draws
+        ``counts`` as ``draw`` does (never one of those replays), and keeps the rows with
+        ``meta`` until ``confirm(sequence)``. Returns the rows (empty: nothing to draw,
+        nothing recorded). ``SequenceTaken`` when ``sequence`` is below the next free one.
+        """
+        wanted = [(label, int(n)) for label, n in counts.items() if n > 0]
+        keys = [self._key("outbox"), self._key("outbox", str(sequence)),
+                self._key("outbox", "next"), self._key("replay"),
+                *(self.queue_key(label) for label, _ in wanted)]
+        args: list[Any] = [self.reuse_cap, self.retain_s, self._sample_prefix, int(sequence),
+                           json.dumps(meta, sort_keys=True), max(int(replays), 0),
+                           *(n for _, n in wanted)]
+        with _redis_errors("compose"):
+            reply = self._compose(keys=keys, args=args)
+        if int(reply[0]) < 0:
+            raise SequenceTaken(sequence, int(reply[1]))
+        if int(reply[0]) == 0:
+            return []
+        return [_decode_sample(row, replay=flag == b"1") for flag, row in reply[1]]
+
+    def unsent(self) -> list[Recorded]:
+        """The composed batches not yet confirmed sent, oldest first."""
+        with _redis_errors("unsent"):
+            members: list[bytes] = self.redis.zrange(  # type: ignore[assignment]
+                self._key("outbox"), 0, -1)
+            sequences = [int(m) for m in members]
+            pipe = self.redis.pipeline(transaction=False)
+            for sequence in sequences:
+                pipe.hgetall(self._key("outbox", str(sequence)))
+            entries = pipe.execute()
+        out = []
+        for sequence, entry in zip(sequences, entries, strict=True):
+            if entry:
+                out.append(_recorded(sequence, entry))
+        return out
+
+    def confirm(self, sequence: int) -> None:
+        """The batch ``sequence`` was delivered: forget its record."""
+        with _redis_errors("confirm"):
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.zrem(self._key("outbox"), str(sequence))
+            pipe.delete(self._key("outbox", str(sequence)))
+            pipe.execute()
 
     # -- hard-example replay -------------------------------------------------------------
     def push_replay(self, ids: Iterable[str]) -> int:
@@ -330,8 +346,27 @@ class ClassBuffers:
         return deleted
 
 
-def _decode_sample(row: Sequence[bytes], replay: bool) -> dict[str, Any]:
-    raw = dict(zip(row[::2], row[1::2], strict=True))
+def _admitted(reply: Sequence[Any]) -> Admitted:
+    mark = _text(reply[1])
+    return Admitted(bool(int(reply[0])), int(mark[1:]) if mark.startswith("@") else None,
+                    int(reply[2]))
+
+
+def _recorded(sequence: int, entry: Mapping[bytes, bytes]) -> Recorded:
+    """An outbox entry: ``meta``, ``n`` and ``<i>:<field>`` per row (1-based)."""
+    rows: dict[int, dict[bytes, bytes]] = {}
+    for key, value in entry.items():
+        index, sep, name = key.partition(b":")
+        if sep:
+            rows.setdefault(int(index), {})[name] = value
+    samples = [_decode_sample(rows[i], replay=rows[i].pop(b"replay", b"0") == b"1")
+               for i in sorted(rows)]
+    return Recorded(sequence, json.loads(entry[b"meta"]), samples)
+
+
+def _decode_sample(row: Sequence[bytes] | Mapping[bytes, bytes], replay: bool
+                   ) -> dict[str, Any]:
+    raw = row if isinstance(row, Mapping) else dict(zip(row[::2], row[1::2], strict=True))
     out: dict[str, Any] = {}
     for key, value in raw.items():
         name = key.decode()

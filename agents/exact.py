@@ -12,7 +12,7 @@ from typing import Protocol
 
 import redis
 
-from agents.keys import exact_key
+from agents.keys import exact_key, first_digest_key
 from agents.step import Item, Outcome, Step, rejection
 
 
@@ -20,6 +20,7 @@ class Claims(Protocol):
     """Claims digests: returns, per (digest, id), the id that owns the digest."""
 
     def claim(self, pairs: Sequence[tuple[str, str]]) -> list[str]: ...
+    def first_digests(self, pairs: Sequence[tuple[str, str]]) -> list[str]: ...
 
 
 class ExactClaims:
@@ -43,9 +44,36 @@ class ExactClaims:
                 owners.append(owner.decode() if isinstance(owner, bytes) else str(owner))
         return owners
 
+    def first_digests(self, pairs: Sequence[tuple[str, str]]) -> list[str]:
+        """The first digest ever seen under each (id, digest)'s id (``SET NX GET``: the
+        first one sticks), so a later version of an id is recognized as such, replays of
+        either version alike (``agents.identity``)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for event_id, digest in pairs:
+            pipe.set(first_digest_key(self.namespace, event_id), digest, nx=True, get=True)
+        firsts = []
+        for (_, digest), first in zip(pairs, pipe.execute(), strict=True):
+            firsts.append(digest if first is None else
+                          first.decode() if isinstance(first, bytes) else str(first))
+        return firsts
+
+    def release(self, pairs: Sequence[tuple[str, str]]) -> None:
+        """Give up each (digest, id) claim that id still holds (an event that failed after
+        claiming never becomes a sample, so a later copy must not be its duplicate)."""
+        # Compare and delete in one step: never drop a claim another id holds.
+        release = self.redis.register_script(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) "
+            "end return 0")
+        for digest, event_id in pairs:
+            release(keys=[exact_key(self.namespace, digest)], args=[event_id])
+
 
 class ExactDedup(Step):
-    """Candidates in; the same candidate, or an ``exact_duplicate`` of the digest's owner."""
+    """Candidates in; the same candidate, or an ``exact_duplicate`` of the digest's owner.
+
+    A candidate whose id was first seen with other content is a later version: it passes
+    with ``earlier_digest`` set to that first digest (``agents.identity``).
+    """
 
     name = "exact"
     stage = "ingest"
@@ -57,10 +85,14 @@ class ExactDedup(Step):
     def process(self, items: Sequence[Item]) -> list[Outcome]:
         """One outcome per candidate, in input order."""
         owners = self.claims.claim([(i.record["digest"], i.record["id"]) for i in items])
+        firsts = self.claims.first_digests([(i.record["id"], i.record["digest"])
+                                            for i in items])
         outcomes = []
-        for item, owner in zip(items, owners, strict=True):
+        for item, owner, first in zip(items, owners, firsts, strict=True):
             cand = item.record
             if owner == cand["id"]:
+                if first != cand["digest"]:
+                    cand = {**cand, "earlier_digest": first}
                 outcomes.append(Outcome(cand, rejected=False))
             else:
                 outcomes.append(rejection(self.stage, "exact_duplicate", item.coords,

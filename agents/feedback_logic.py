@@ -5,6 +5,11 @@ returns the new state, the difficulty factor per class (what the balance stage m
 its policy by) and the ids to replay. The agent stores the state (reassigning the table
 value), publishes the difficulty and pushes the hard ids to the partition's replay queue
 (``ClassBuffers.push_replay``; the partition is the first field of the batch id).
+
+A record is checked first (``feedback_problem``: a batch id sluice made, a partition that
+exists, labels that are valid class names); the classes are bounded (``max_classes``):
+losses of a class beyond them are ignored and counted, so a foreign producer on the
+feedback topic can grow neither the statistics nor the difficulty hash.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from agents.compose import ComposeError, label_problem, parse_batch_id
 from agents.stats import LossEMA
 from schemas.records import Feedback, SampleLoss
 
@@ -35,6 +41,29 @@ class FeedbackOutcome:
     """Ids whose loss exceeds ``threshold``, hardest first."""
     threshold: float
     """``mean + k·std`` of the running loss statistics (inf before any loss)."""
+    ignored: int = 0
+    """Losses left out: their class is new and the statistics hold ``max_classes``."""
+
+
+def feedback_problem(record: Mapping[str, Any], partitions: int | None = None
+                     ) -> tuple[str, str] | None:
+    """``(reason, detail)`` when a Feedback record cannot be folded, else None.
+
+    Reasons: ``invalid:batch_id`` (not ``<partition>-<sequence>-<12 hex>``),
+    ``invalid:partition`` (not below ``partitions``), ``invalid:label`` (a loss whose label
+    is not a valid class name, ``agents.compose.label_problem``).
+    """
+    try:
+        partition, _ = parse_batch_id(record.get("batch_id"))
+    except ComposeError as exc:
+        return "invalid:batch_id", str(exc)
+    if partitions is not None and partition >= partitions:
+        return "invalid:partition", f"partition {partition} of {partitions}"
+    for loss in record.get("losses") or ():
+        problem = label_problem(loss.get("label"))
+        if problem is not None:
+            return "invalid:label", f"{problem}: {str(loss.get('label'))[:80]!r}"
+    return None
 
 
 def difficulty_factors(
@@ -70,22 +99,31 @@ def process_feedback(
     *,
     alpha: float,
     hard_k: float,
+    max_classes: int | None = None,
 ) -> FeedbackOutcome:
     """Fold one Feedback record into the loss statistics and pick its hard examples.
 
     The statistics are updated first, then the threshold ``mean + hard_k·std`` is taken
     from the overall running loss (so the very first record is judged against itself).
     ``alpha`` is the loss EMA decay (``BalanceSettings.loss_alpha``); a stored state with
-    another α starts afresh.
+    another α starts afresh. Losses of a class the statistics do not hold yet are ignored
+    once they hold ``max_classes`` (None: no bound).
     """
     loss = LossEMA.restore(state, alpha)
-    pairs = [(item["label"], float(item["loss"])) for item in feedback["losses"]]
-    loss.update(pairs)
+    losses = list(feedback["losses"])
+    if max_classes is not None:
+        known = set(loss.classes)
+        for label in dict.fromkeys(item["label"] for item in losses):
+            if label not in known and len(known) < max_classes:
+                known.add(label)
+        losses = [item for item in losses if item["label"] in known]
+    loss.update((item["label"], float(item["loss"])) for item in losses)
     overall = loss.overall
     threshold = overall.mean + hard_k * overall.std if overall.norm > 0.0 else math.inf
     return FeedbackOutcome(
         state=loss.to_dict(),
         difficulty=difficulty_factors(loss),
-        hard_ids=hard_examples(feedback["losses"], threshold),
+        hard_ids=hard_examples(losses, threshold),
         threshold=threshold,
+        ignored=len(feedback["losses"]) - len(losses),
     )

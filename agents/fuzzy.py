@@ -39,6 +39,7 @@ import redis
 from datasketch import MinHashLSH
 
 from agents.config import FuzzySettings
+from agents.identity import event_id, store_id
 from agents.keys import lsh_prefix
 from agents.minhash import (
     _SHINGLE_BASE,
@@ -377,7 +378,7 @@ class FuzzyDedup(Step):
 
     def process(self, items: Sequence[Item]) -> list[Outcome]:
         """One outcome per candidate, in input order."""
-        decisions = self.index.check_and_insert([(i.record["id"], i.record["content"])
+        decisions = self.index.check_and_insert([(store_id(i.record), i.record["content"])
                                                  for i in items])
         outcomes = []
         for item, decision in zip(items, decisions, strict=True):
@@ -386,7 +387,8 @@ class FuzzyDedup(Step):
             else:
                 outcomes.append(rejection(
                     self.stage, "near_duplicate", item.coords, event=dict(item.record),
-                    duplicate_of=decision.duplicate_of, similarity=decision.similarity,
+                    duplicate_of=event_id(decision.duplicate_of or ""),
+                    similarity=decision.similarity,
                     detail=f"estimated Jaccard {decision.similarity:.3f} ≥ "
                            f"{self.settings.threshold}"))
         return outcomes

@@ -19,13 +19,15 @@ Score scale (pinned by a test against numpy): vector sets compare by cosine and
 The script holds the whole server while it runs, and VADD dominates: measured on a busy
 2-core machine with int8 and build EF 200, 64 items held it 30-100 ms at 1k items and
 ≈ 230 ms at 10k (≈ 90 ms with build EF 100, same recall@1). Keep micro-batches small and
-watch ``last_call_s``.
+watch ``longest_hold_s`` (the dedup agent publishes it as the gauge ``admit.hold_s.max``):
+past Redis' ``busy-reply-threshold`` (5 s by default) every other client gets BUSY. The
+settings bound what one call can do (``DedupSettings``: batch_size, build_ef, links).
 """
 
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +76,8 @@ return out
 """
 
 _QUANTIZATION = {"int8": "Q8", "noquant": "NOQUANT", "bin": "BIN"}
+
+HOLD_WINDOW = 64  # admission calls over which ``longest_hold_s`` is the maximum
 
 
 class VectorIndexError(SluiceError):
@@ -126,6 +130,7 @@ class VectorIndex:
         self.counts: Counter[str] = Counter()
         #: Wall time of the last ``admit`` round trip: an upper bound on the server hold.
         self.last_call_s: float = 0.0
+        self._recent_calls_s: deque[float] = deque(maxlen=HOLD_WINDOW)
 
     def admit(self, ids: list[str], vectors: np.ndarray) -> list[Admission]:
         """Decide every item, in input order, in one atomic script call."""
@@ -150,11 +155,18 @@ class VectorIndex:
             raise VectorIndexError(f"admission to {self.key} failed: {exc}") from exc
         finally:
             self.last_call_s = time.perf_counter() - started
+            self._recent_calls_s.append(self.last_call_s)
         admissions = [_admission(reply) for reply in replies]
         self.counts.update(
             "already" if a.already else "kept" if a.keep else "duplicate" for a in admissions
         )
         return admissions
+
+    @property
+    def longest_hold_s(self) -> float:
+        """The longest of the last ``HOLD_WINDOW`` admission calls (0 before the first): an
+        upper bound on how long the script held the whole server."""
+        return max(self._recent_calls_s, default=0.0)
 
     def size(self) -> int:
         """Elements in the set (``VCARD``; 0 when it does not exist yet)."""

@@ -7,10 +7,14 @@ land in one slot. Keys used one at a time carry no tag and spread over every slo
 | what | key | type |
 |---|---|---|
 | exact claims | ``sluice:<ns>:exact:<digest>`` | string: the first id to claim the digest |
+| first versions | ``sluice:<ns>:first:<id>`` | string: the first digest seen under the id |
 | fuzzy index | ``sluice:{<ns>:lsh}:meta``, ``…:sig``, ``…:seq``, ``…:band:…`` | ``agents.fuzzy`` |
 | vector set | ``sluice:<ns>:vset`` | Redis 8 vector set |
-| class buffers | ``sluice:{<ns>:buf:<partition>}:…`` | see ``agents.buffers`` |
-| loss statistics | ``sluice:{<ns>:loss}:state``, ``…:difficulty`` | JSON string, hash |
+| class buffers | ``sluice:{<ns>:buf:<partition>}:…`` | see ``agents.buffers`` (with the |
+| | | composed batches not yet confirmed sent: ``…:outbox``) |
+| class labels | ``sluice:<ns>:labels`` | set: the labels admitted (at most ``max_labels``) |
+| loss statistics | ``sluice:{<ns>:loss}:state``, ``…:difficulty``, ``…:seen`` | JSON string, |
+| | | hash, zset of the (batch id, step) pairs folded |
 """
 
 from __future__ import annotations
@@ -19,6 +23,11 @@ from __future__ import annotations
 def exact_key(namespace: str, digest: str) -> str:
     """Claims a normalized content digest for the first event id (used alone: untagged)."""
     return f"sluice:{namespace}:exact:{digest}"
+
+
+def first_digest_key(namespace: str, event_id: str) -> str:
+    """The first content digest seen under an id (``agents.identity``; used alone)."""
+    return f"sluice:{namespace}:first:{event_id}"
 
 
 def lsh_prefix(namespace: str) -> str:
@@ -44,3 +53,13 @@ def loss_state_key(namespace: str) -> str:
 def difficulty_key(namespace: str) -> str:
     """Difficulty factor per class, written in the same transaction as the loss state."""
     return f"sluice:{{{namespace}:loss}}:difficulty"
+
+
+def labels_key(namespace: str) -> str:
+    """The class labels admitted in the namespace (one script touches only this key)."""
+    return f"sluice:{namespace}:labels"
+
+
+def feedback_seen_key(namespace: str) -> str:
+    """The (batch id, step) pairs already folded, watched by the feedback transaction."""
+    return f"sluice:{{{namespace}:loss}}:seen"

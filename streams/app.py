@@ -13,9 +13,11 @@ from typing import Any
 
 import faust
 from faust.serializers import codecs
+from faust.types.auth import CredentialsT
 
 from streams import serde
 from streams.config import TOPIC_RECORDS, KafkaSettings, TopicSettings
+from streams.connections import ssl_context
 
 
 class AvroCodec(codecs.Codec):
@@ -60,8 +62,9 @@ assert [f.name for f in fields(Topics)] == list(TOPIC_RECORDS), "Topics must lis
 def create_app(kafka: KafkaSettings, topics: TopicSettings, *, app_id: str, datadir: Path,
                web_port: int, buffer_maxsize: int = 256) -> tuple[faust.App, Topics]:
     """The Faust app on the configured Kafka, and its topics."""
-    scheme = "kafka+ssl" if kafka.security_protocol.endswith("SSL") else "kafka"
-    brokers = [f"{scheme}://{host}" for host in kafka.bootstrap_servers.split(",")]
+    # One scheme for every protocol: Faust's transport is chosen by the scheme ("kafka" is
+    # aiokafka); TLS and SASL travel in the credentials, never in the URL.
+    brokers = [f"kafka://{host}" for host in kafka.bootstrap_servers.split(",")]
     app = faust.App(
         app_id,
         broker=brokers,
@@ -101,16 +104,17 @@ def create_app(kafka: KafkaSettings, topics: TopicSettings, *, app_id: str, data
                           for role, record in TOPIC_RECORDS.items()})
 
 
-def _credentials(k: KafkaSettings) -> Any:
-    if k.sasl_mechanism:
-        return faust.SASLCredentials(username=k.sasl_username or "",
-                                     password=k.sasl_password or "",
-                                     mechanism=k.sasl_mechanism)
-    if k.security_protocol == "SSL" and k.ssl_cafile:
-        import ssl
+def _credentials(k: KafkaSettings) -> CredentialsT | None:
+    """Faust's credentials for the configured protocol (None: PLAINTEXT).
 
-        context = ssl.create_default_context(cafile=k.ssl_cafile)
-        if k.ssl_certfile:
-            context.load_cert_chain(k.ssl_certfile, k.ssl_keyfile)
+    ``SASLCredentials`` picks SASL_SSL only when it is given an SSL context; without one it
+    sends the password in cleartext, so the context is always passed for ``SASL_SSL``.
+    """
+    context = ssl_context(k)
+    if k.security_protocol.startswith("SASL"):
+        return faust.SASLCredentials(username=k.sasl_username, password=k.sasl_password,
+                                     mechanism=k.sasl_mechanism or "PLAIN",
+                                     ssl_context=context)
+    if context is not None:
         return faust.SSLCredentials(context)
     return None

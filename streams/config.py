@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Section(BaseModel):
@@ -32,28 +32,68 @@ TOPIC_RECORDS: dict[str, str] = {
 
 class KafkaSettings(Section):
     """How clients reach Kafka. Empty ``bootstrap_servers`` means the embedded stack (the
-    entry point fills in its address)."""
+    entry point fills in its address).
+
+    ``SSL`` and ``SASL_SSL`` verify the broker's certificate and host name against
+    ``ssl_cafile`` (else the system's CAs) and present ``ssl_certfile``/``ssl_keyfile``
+    when set; ``SASL_*`` log in as ``sasl_username``. A setting that the chosen protocol
+    would silently ignore (a password with ``SSL``, a CA file with ``SASL_PLAINTEXT``) is an
+    error, so a typo can never mean an unauthenticated or cleartext connection.
+    """
 
     bootstrap_servers: str = Field("", description="host:port list; empty: the embedded broker")
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, description="with SASL_*: the mechanism; unset means PLAIN")
     sasl_username: str | None = None
-    sasl_password: str | None = None
-    ssl_cafile: str | None = None
-    ssl_certfile: str | None = None
-    ssl_keyfile: str | None = None
+    sasl_password: str | None = Field(None, repr=False)
+    ssl_cafile: str | None = Field(None, description="PEM file of the CAs that sign the "
+                                   "brokers' certificates; unset: the system's CAs")
+    ssl_certfile: str | None = Field(None, description="PEM client certificate (mutual TLS)")
+    ssl_keyfile: str | None = Field(None, description="PEM key of ssl_certfile, if separate")
     client_id: str = "sluice"
     connect_timeout_ms: int = Field(10_000, ge=100, description="how long a client waits "
                                     "for the first broker before giving up")
     session_timeout_s: float = Field(30.0, gt=6, description="consumer group session timeout: "
                                      "how long a crashed worker's partitions wait")
 
+    @model_validator(mode="after")
+    def _consistent_security(self) -> KafkaSettings:
+        protocol = self.security_protocol
+        sasl = {name: getattr(self, name) for name in
+                ("sasl_mechanism", "sasl_username", "sasl_password")}
+        tls = {name: getattr(self, name) for name in
+               ("ssl_cafile", "ssl_certfile", "ssl_keyfile")}
+        if protocol.startswith("SASL"):
+            missing = [name for name in ("sasl_username", "sasl_password") if not sasl[name]]
+            if missing:
+                raise ValueError(f"security_protocol {protocol} needs "
+                                 f"{' and '.join('kafka.' + m for m in missing)}")
+        else:
+            unused = [name for name, value in sasl.items() if value]
+            if unused:
+                raise ValueError(f"{', '.join('kafka.' + u for u in unused)} would be ignored "
+                                 f"with security_protocol {protocol}: use SASL_SSL (or "
+                                 "SASL_PLAINTEXT on a trusted network)")
+        if protocol.endswith("SSL"):
+            # The files are read when a client is built (``streams.connections``), not here:
+            # `sluice up` makes the embedded broker's certificate after reading the settings.
+            if self.ssl_keyfile and not self.ssl_certfile:
+                raise ValueError("kafka.ssl_keyfile needs kafka.ssl_certfile")
+        else:
+            unused = [name for name, value in tls.items() if value]
+            if unused:
+                raise ValueError(f"{', '.join('kafka.' + u for u in unused)} would be ignored "
+                                 f"with security_protocol {protocol}: use SSL or SASL_SSL")
+        return self
+
 
 class RedisSettings(Section):
     """How clients reach Redis. Empty ``url`` means the embedded server."""
 
     url: str = Field("", description="redis://host:port/db; empty: the embedded Redis")
-    password: str | None = None
+    password: str | None = Field(None, repr=False, description="Redis AUTH password; the "
+                                 "embedded Redis requires it (requirepass) when it is set")
     namespace: str = Field("default", description="prefix of every sluice key in Redis: "
                            "indexes, claims, buffers (one namespace, one curated stream)")
 

@@ -1,12 +1,41 @@
-"""Client factories: every Kafka and Redis client in sluice is built here from settings."""
+"""Client factories: every Kafka and Redis client in sluice is built here from settings.
+
+TLS is configured once, as an ``ssl.SSLContext`` (``ssl_context``), and handed to both Kafka
+libraries: kafka-python (producer, tail, admin, the trainer) and aiokafka under Faust (the
+worker, through ``streams.app``), so the two can never disagree on what is verified.
+"""
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 import redis
 
+from schemas.errors import SluiceError
 from streams.config import KafkaSettings, RedisSettings
+
+
+def ssl_context(k: KafkaSettings) -> ssl.SSLContext | None:
+    """The TLS context of ``SSL`` and ``SASL_SSL`` (None for the other protocols).
+
+    Verifies the broker's certificate chain and host name (against ``ssl_cafile``, else
+    the system's CAs), TLS 1.2 at least, and presents the client certificate when set.
+    """
+    if not k.security_protocol.endswith("SSL"):
+        return None
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=k.ssl_cafile)
+    except (OSError, ssl.SSLError) as exc:
+        raise SluiceError(f"kafka.ssl_cafile {k.ssl_cafile}: {exc}") from exc
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if k.ssl_certfile:
+        try:
+            context.load_cert_chain(k.ssl_certfile, k.ssl_keyfile)
+        except (OSError, ssl.SSLError) as exc:
+            raise SluiceError(f"kafka.ssl_certfile {k.ssl_certfile} / kafka.ssl_keyfile "
+                              f"{k.ssl_keyfile}: {exc}") from exc
+    return context
 
 
 def kafka_client_options(k: KafkaSettings) -> dict[str, Any]:
@@ -17,15 +46,16 @@ def kafka_client_options(k: KafkaSettings) -> dict[str, Any]:
         "client_id": k.client_id,
         "bootstrap_timeout_ms": k.connect_timeout_ms,
     }
-    if k.sasl_mechanism:
+    if k.security_protocol.startswith("SASL"):
+        # kafka-python takes the SCRAM credentials under the same two names as PLAIN's.
         options.update(
-            sasl_mechanism=k.sasl_mechanism,
+            sasl_mechanism=k.sasl_mechanism or "PLAIN",
             sasl_plain_username=k.sasl_username,
             sasl_plain_password=k.sasl_password,
         )
-    for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
-        if getattr(k, name):
-            options[name] = getattr(k, name)
+    context = ssl_context(k)
+    if context is not None:
+        options["ssl_context"] = context
     return options
 
 

@@ -49,6 +49,9 @@ V = TypeVar("V")
 IN, OUT, REJECTED = "in", "out", "rejected"  # counters: events into a stage, passed, rejected
 BATCHES = "batches"  # counter: curated batches emitted (balance), consumed (trainer)
 INDEX_SIZE = "index.size"  # gauge: vectors in the semantic index (dedup)
+ADMIT_HOLD_MAX_S = "admit.hold_s.max"  # gauge: longest recent admission-script call (dedup)
+RETRIES = "retries"  # counter: micro-batch attempts that failed for every record and waited
+STALLED_S = "stalled_s"  # gauge: seconds the current micro-batch has waited (0: flowing)
 LATENCY_QUANTILES = (50, 95, 99)  # the percentiles ``snapshot`` reports as ``latency_ms(q)``
 
 
@@ -87,6 +90,9 @@ share_target = Names("share.target.")  # the policy's target share per class
 class_weight = Names("weight.")       # importance weight per class
 class_difficulty = Names("difficulty.")  # loss factor per class
 buffer_fill = Names("buffer.")        # samples buffered per class
+truncated = Names("truncated.")       # counter: contents cut to fit a batch, by kind
+relabeled = Names("relabeled.")       # counter: samples put in the overflow class, by reason
+RESENT = "batches.resent"             # counter: recorded batches re-sent after a crash or failure
 # The trainer
 dropped = Names("dropped.")           # counter: records dropped, by reason
 skipped = Names("skipped.")           # counter: batches skipped, by reason

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import reprlib
 import time
 from functools import cache
 from struct import error as struct_error
@@ -100,16 +101,33 @@ def decode(data: bytes, name: str) -> dict[str, Any]:
     return cast(dict[str, Any], record)
 
 
-def decode_raw_event(data: bytes, max_bytes: int) -> RawEvent:
+# Longest decimal integer a JSON raw event may carry: a long has at most 19 digits and a
+# sign. Anything longer is refused before Python converts it (past 4,300 digits ``int()``
+# raises ValueError, and below that the conversion is quadratic).
+MAX_INT_DIGITS = 20
+
+# Values quoted in a DecodeError: a few items, a few levels, so that an event nested 900
+# deep or a 1 MiB field never makes a long (or recursive) message.
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel, _BRIEF.maxlist, _BRIEF.maxdict, _BRIEF.maxstring, _BRIEF.maxother = (
+    2, 4, 4, 40, 40)
+
+
+def decode_raw_event(data: bytes | None, max_bytes: int) -> RawEvent:
     """Decode and validate a raw event: single-object Avro, or a UTF-8 JSON object.
 
-    Every failure is a ``DecodeError`` whose reason becomes ``invalid:<reason>``:
-    ``too_large``, ``undecodable``, ``unknown_schema``, ``invalid_utf8``, ``invalid_json``,
-    ``invalid_field``, ``empty_content``.
+    This is the deserialization handler of ``raw-events``: whatever arrives, the result is
+    a ``RawEvent`` or a ``DecodeError`` whose reason becomes ``invalid:<reason>``:
+    ``tombstone`` (a null value), ``too_large``, ``undecodable``, ``unknown_schema``,
+    ``invalid_utf8``, ``invalid_json`` (also an array, or nesting past the parser's limit),
+    ``invalid_field`` (also an integer outside the Avro long range, however many digits),
+    ``empty_content``.
     """
+    if data is None:
+        raise DecodeError("tombstone", "the message value is null (a Kafka tombstone)")
     if len(data) > max_bytes:
         raise DecodeError("too_large", f"{len(data)} bytes > {max_bytes}")
-    if data[:1] == b"{":
+    if data[:1] in (b"{", b"["):
         event = _raw_event_from_json(data)
     else:
         event = cast(RawEvent, decode(data, "RawEvent"))
@@ -124,21 +142,47 @@ def _raw_event_from_json(data: bytes) -> RawEvent:
     except UnicodeDecodeError as exc:
         raise DecodeError("invalid_utf8", f"JSON is not UTF-8 at byte {exc.start}") from exc
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, parse_int=_bounded_int)
     except json.JSONDecodeError as exc:
         raise DecodeError("invalid_json", str(exc)) from exc
+    except RecursionError as exc:
+        # The C scanner recurses once per [ or {: ~1,000 levels exhaust the stack guard.
+        raise DecodeError("invalid_json", "nested too deeply for the JSON parser (a "
+                          "RawEvent is one flat object)") from exc
+    if isinstance(obj, list):
+        raise DecodeError("invalid_json", "a JSON array; raw-events takes one JSON object "
+                          "per message")
     if not isinstance(obj, dict):
         raise DecodeError("invalid_json", "expected a JSON object")
     return raw_event_from_mapping(obj)
+
+
+class _HugeInt:
+    """A JSON integer too long for any RawEvent field, kept only as its length."""
+
+    def __init__(self, digits: int) -> None:
+        self.digits = digits
+
+    def __repr__(self) -> str:
+        return f"<an integer of {self.digits} digits>"
+
+
+def _bounded_int(text: str) -> int | _HugeInt:
+    if len(text) > MAX_INT_DIGITS:
+        return _HugeInt(len(text.lstrip("-")))
+    return int(text)
 
 
 def _field(obj: dict[str, Any], key: str, typ: type, default: Any) -> Any:
     value = obj.get(key, default)
     if value is None and default is None:
         return None
+    if isinstance(value, _HugeInt):
+        raise DecodeError("invalid_field", f"{key}: {value!r} is outside the Avro long range")
     # bool is an int subclass in Python, but true is no timestamp.
     if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-        raise DecodeError("invalid_field", f"{key}: expected {typ.__name__}, got {value!r:.60}")
+        raise DecodeError("invalid_field",
+                          f"{key}: expected {typ.__name__}, got {_BRIEF.repr(value)}")
     if isinstance(value, int) and not LONG_MIN <= value <= LONG_MAX:
         raise DecodeError("invalid_field", f"{key}: {value} is outside the Avro long range")
     if isinstance(value, str):

@@ -1,13 +1,18 @@
 """docker-compose.yml: the services of DESIGN.md, wired so that `docker compose up` works.
 
 Static checks (no Docker here): images, KRaft, persistence, health checks, a scalable
-worker, named volumes, one env file whose settings are valid, and only real sluice commands.
+worker, named volumes, one env file whose settings are valid, only real sluice commands, and
+locked down by default (loopback ports, required passwords). Where Debian's
+``docker-compose`` (1.29) is installed, it reads and interpolates the file too.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +27,44 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 SERVICES = ("kafka", "redis", "worker", "trainer", "prometheus", "grafana")
 SLUICE_SERVICES = ("worker", "trainer")
+#: The secrets compose must refuse to start without (``${VAR:?message}``).
+SECRETS = {"REDIS_PASSWORD": "test-redis-secret", "GRAFANA_ADMIN_PASSWORD": "test-admin-secret"}
+_VARIABLE = re.compile(r"\$\$|\$\{(?P<name>\w+)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}|\$(?P<bare>\w+)")
+
+
+class MissingVariable(Exception):
+    """A ``${VAR:?message}`` whose variable is unset or empty: compose stops there."""
+
+
+def interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's variable substitution (``$$``, ``$VAR``, ``${VAR}``, ``${VAR:-default}``,
+    ``${VAR-default}``, ``${VAR:?message}``, ``${VAR?message}``)."""
+
+    def one(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name = match.group("name") or match.group("bare")
+        op, arg = match.group("op"), match.group("arg") or ""
+        value = env.get(name)
+        unset = value is None or (op is not None and op.startswith(":") and value == "")
+        if op in (":?", "?") and unset:
+            raise MissingVariable(f"{name}: {arg}")
+        if op in (":-", "-") and unset:
+            return arg
+        return value or ""
+
+    return _VARIABLE.sub(one, text)
+
+
+def interpolated(value: Any, env: dict[str, str]) -> Any:
+    """``value`` (a loaded compose tree) with every string interpolated."""
+    if isinstance(value, str):
+        return interpolate(value, env)
+    if isinstance(value, list):
+        return [interpolated(item, env) for item in value]
+    if isinstance(value, dict):
+        return {key: interpolated(item, env) for key, item in value.items()}
+    return value
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +217,7 @@ def test_sluice_services_have_valid_settings_pointing_at_the_containers(
     env: dict[str, str] = {}
     for env_file in _env_files(service):
         env.update(_read_env_file(ROOT / env_file))
-    env.update(_environment(service))
+    env.update({k: interpolate(v, SECRETS) for k, v in _environment(service).items()})
     for key in list(os.environ):
         if key.startswith("SLUICE_"):
             monkeypatch.delenv(key)
@@ -185,6 +228,8 @@ def test_sluice_services_have_valid_settings_pointing_at_the_containers(
     assert settings.bootstrap_servers.split(",")[0].split(":")[0] == "kafka"
     assert settings.redis_url.startswith("redis://redis:")
     assert not settings.embedded
+    if name == "worker":  # the one that uses Redis logs in with the required password
+        assert settings.redis.password == SECRETS["REDIS_PASSWORD"]
 
 
 def _run(services: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
@@ -208,3 +253,79 @@ def test_every_sluice_command_run_exists(services: dict[str, dict[str, Any]]) ->
 def test_monitoring_images(services: dict[str, dict[str, Any]]) -> None:
     assert services["prometheus"]["image"].startswith("prom/prometheus")
     assert services["grafana"]["image"].startswith("grafana/grafana")
+
+
+# --- locked down by default -------------------------------------------------------------
+
+
+def _host_ip(port: Any) -> str | None:
+    """The host address a ``ports`` entry binds (None: every interface)."""
+    if isinstance(port, dict):
+        return port.get("host_ip")
+    parts = str(port).rsplit(":", 2)
+    return parts[0].strip("[]") if len(parts) == 3 else None
+
+
+def test_every_published_port_listens_on_loopback_by_default(
+        services: dict[str, dict[str, Any]]) -> None:
+    published = {}
+    for name, service in interpolated(services, SECRETS).items():
+        for port in service.get("ports", []):
+            published[f"{name} {port}"] = _host_ip(port)
+    assert published, "nothing is published at all"
+    assert all(ip == "127.0.0.1" for ip in published.values()), published
+
+
+def test_no_service_starts_without_its_password(services: dict[str, dict[str, Any]]) -> None:
+    for secret in SECRETS:
+        without = {k: v for k, v in SECRETS.items() if k != secret}
+        with pytest.raises(MissingVariable, match=secret):
+            interpolated(services, without)
+        with pytest.raises(MissingVariable, match=secret):  # empty is not a password either
+            interpolated(services, {**without, secret: ""})
+
+
+def test_redis_requires_the_password_and_its_clients_send_it(
+        services: dict[str, dict[str, Any]]) -> None:
+    resolved = interpolated(services, SECRETS)
+    words = _words(resolved["redis"]["command"])
+    assert words[words.index("--requirepass") + 1] == SECRETS["REDIS_PASSWORD"]
+    # The health check logs in (redis-cli reads REDISCLI_AUTH) and needs a real PONG.
+    assert _environment(resolved["redis"])["REDISCLI_AUTH"] == SECRETS["REDIS_PASSWORD"]
+    assert "PONG" in " ".join(_words(resolved["redis"]["healthcheck"]["test"]))
+    assert (_environment(resolved["worker"])["SLUICE_REDIS__PASSWORD"]
+            == SECRETS["REDIS_PASSWORD"])
+
+
+def test_grafana_has_an_admin_password_and_no_anonymous_access(
+        services: dict[str, dict[str, Any]]) -> None:
+    env = _environment(interpolated(services, SECRETS)["grafana"])
+    assert env["GF_SECURITY_ADMIN_PASSWORD"] == SECRETS["GRAFANA_ADMIN_PASSWORD"]
+    assert env.get("GF_AUTH_ANONYMOUS_ENABLED", "false").lower() == "false"
+
+
+COMPOSE_1 = shutil.which("docker-compose")
+
+
+@pytest.mark.skipif(COMPOSE_1 is None, reason="Debian's docker-compose is not installed")
+def test_docker_compose_reads_it_and_refuses_to_run_without_the_secrets(
+        tmp_path: Path) -> None:
+    assert COMPOSE_1 is not None
+    empty = tmp_path / "empty.env"  # never a developer's own .env
+    empty.write_text("")
+    base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path)}
+
+    def config(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([COMPOSE_1, "-f", str(COMPOSE), "--env-file", str(empty),
+                               "config"], env=base | env, cwd=ROOT, capture_output=True,
+                              text=True, timeout=120, check=False)
+
+    refused = config({})
+    assert refused.returncode != 0
+    assert "REDIS_PASSWORD" in refused.stderr or "GRAFANA_ADMIN_PASSWORD" in refused.stderr
+    done = config(SECRETS)
+    assert done.returncode == 0, done.stderr
+    resolved = yaml.safe_load(done.stdout)["services"]
+    ports = {name: [_host_ip(p) for p in s.get("ports", [])] for name, s in resolved.items()}
+    assert all(ip == "127.0.0.1" for ips in ports.values() for ip in ips), ports
+    assert {"kafka", "redis", "prometheus", "grafana"} <= {n for n, ips in ports.items() if ips}

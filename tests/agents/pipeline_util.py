@@ -17,11 +17,13 @@ import ast
 import contextlib
 import logging
 import os
+import random
 import re
 import signal
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -30,13 +32,17 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from kafka import KafkaConsumer, TopicPartition
 from kafka.admin import KafkaAdminClient
 from kafka.errors import KafkaError
 
+from agents.buffers import ClassBuffers
+from agents.keys import vset_key
+from schemas.embedding import decode_embedding
 from schemas.records import RawEvent
 from sluice.settings import Settings, settings_env
-from sluice.stack import free_port
+from sluice.stack import Stack, free_port
 from streams.config import TOPIC_RECORDS
 from streams.connections import kafka_client_options
 from streams.producer import EventProducer
@@ -472,3 +478,344 @@ def one_decision(outcomes: Mapping[str, list[Seen]]) -> dict[str, tuple[str, str
 def missing(ids: Iterable[str], outcomes: Mapping[str, Any]) -> list[str]:
     """The ids without an outcome, sorted."""
     return sorted(set(ids) - set(outcomes))
+
+
+# -- chaos: private stacks, hard kills, steady producers, accounting --------------------------
+
+CHAOS_EDITS: tuple[str, ...] = ("exact", "whitespace", "comment")
+"""Edits whose copies of one original are all copies of each other too (cliques: the race
+test in test_pipeline.py relies on the same), so at most one member of each group may
+ever be admitted, whoever decides first. The rename edit is left out: a rename and a
+comment copy of one function are not always within the threshold of each other."""
+
+
+@contextlib.contextmanager
+def private_stack(session: Settings, folder: Path, *, kafka: bool
+                  ) -> Iterator[tuple[Settings, Stack]]:
+    """A stack of this test's own from the project's stack code (``sluice.stack.Stack``),
+    so stopping or killing it disturbs no other test: Kafka and Redis both on fresh ports
+    when ``kafka``, else only a Redis of its own beside the session's Kafka. Append-only
+    Redis, as ``sluice up`` runs it. Yields (settings, the ``Stack``); always stopped."""
+    ports: dict[str, int] = {"redis_port": free_port()}
+    if kafka:
+        ports |= {"kafka_port": free_port(), "controller_port": free_port()}
+    stack = session.stack.model_copy(update=ports)
+    update: dict[str, Any] = {
+        "state_dir": folder / "stack",
+        "stack": stack,
+        "redis": session.redis.model_copy(update={"url": f"redis://127.0.0.1:{stack.redis_port}/0"}),
+    }
+    if kafka:
+        update["kafka"] = session.kafka.model_copy(
+            update={"bootstrap_servers": f"127.0.0.1:{stack.kafka_port}"})
+    settings = session.model_copy(update=update)
+    own = Stack(settings)
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        if kafka:
+            own.up()
+        else:
+            own.redis.start()
+        yield settings, own
+    finally:
+        own.down()
+
+
+def kill9(component: Any, timeout_s: float = 10.0) -> int:
+    """SIGKILL one server of a ``Stack`` (``stack.redis`` or ``stack.kafka``): a crash with
+    no shutdown, no last fsync. Waits until it is gone and reaps it; returns its pid."""
+    pid = component.pid()
+    if pid is None:
+        raise AssertionError(f"{component.name} is not running")
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout_s
+    while component.pid() is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # The stack started it as a child of this process: reap it, or it lingers as a zombie.
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+    component.pid_file.unlink(missing_ok=True)
+    return int(pid)
+
+
+class SteadyProducer:
+    """Sends events to raw-events at a steady rate from a thread (the product's own
+    ``EventProducer``), as a live source does while the test kills things around it.
+    ``sent`` holds the ids Kafka acknowledged (it flushes every ``flush_every`` events)."""
+
+    def __init__(self, settings: Settings, events: Iterable[RawEvent], rate: float,
+                 flush_every: int = 8) -> None:
+        self.settings = settings
+        self.events = list(events)
+        self.rate = rate
+        self.flush_every = flush_every
+        self.sent: list[str] = []
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="steady-producer", daemon=True)
+
+    def start(self) -> SteadyProducer:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        queued: list[str] = []
+        try:
+            with EventProducer(self.settings.kafka, self.settings.topics,
+                               rate=self.rate) as producer:
+                for event in self.events:
+                    if self._stop.is_set():
+                        break
+                    producer.send(event)
+                    queued.append(event["id"])
+                    if len(queued) >= self.flush_every:
+                        producer.flush()
+                        self.sent += queued
+                        queued = []
+                producer.flush()
+                self.sent += queued
+        except BaseException as exc:  # reported by join(): a test must see it
+            self.error = exc
+
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def join(self, timeout_s: float = 300.0) -> list[str]:
+        """Wait until every event is sent; the acknowledged ids (raises the thread's error)."""
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            self._stop.set()
+            self._thread.join(30.0)
+            raise AssertionError(f"producer still sending after {timeout_s} s "
+                                 f"({len(self.sent)} of {len(self.events)} acknowledged)")
+        if self.error is not None:
+            raise AssertionError(f"producer failed after {len(self.sent)} events: "
+                                 f"{self.error!r}") from self.error
+        return list(self.sent)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(60.0)
+
+
+def vset_members(client: Any, namespace: str) -> set[str]:
+    """Every id in the namespace's vector set (``VRANDMEMBER`` with a count ≥ its size
+    returns each member once)."""
+    key = vset_key(namespace)
+    size = int(client.execute_command("VCARD", key) or 0)
+    if not size:
+        return set()
+    members = client.execute_command("VRANDMEMBER", key, size) or []
+    return {m.decode() if isinstance(m, bytes) else str(m) for m in members}
+
+
+def buffered_ids(client: Any, settings: Settings) -> set[str]:
+    """Every id the balance stage has taken into its Redis buffers, over all partitions
+    (the ``seen`` hash of ``agents.buffers.ClassBuffers``)."""
+    out: set[str] = set()
+    for partition in range(settings.topics.partitions):
+        buffers = ClassBuffers(client, settings.redis.namespace, partition, 1, 1)
+        out |= {k.decode() if isinstance(k, bytes) else k
+                for k in client.hkeys(buffers.prefix + ":seen")}
+    return out
+
+
+def wait_for_buffers(client: Any, settings: Settings, samples: Iterable[str],
+                     timeout_s: float, idle_s: float = 30.0) -> set[str]:
+    """Wait until the balance stage has buffered every sample (it catches up after the
+    samples are out), the time is up, or nothing new was buffered for ``idle_s`` (a sample
+    that is still missing then was skipped, not delayed); returns what is buffered."""
+    wanted = set(samples)
+    deadline = time.monotonic() + timeout_s
+    buffered = buffered_ids(client, settings)
+    progress_at = time.monotonic()
+    while not wanted <= buffered and time.monotonic() < deadline:
+        if time.monotonic() - progress_at > idle_s:
+            break
+        time.sleep(1.0)
+        now = buffered_ids(client, settings)
+        if now != buffered:
+            buffered, progress_at = now, time.monotonic()
+    return buffered
+
+
+def chaos_events(prefix: str, n: int | None = None, every: int = 4, seed: int = 0
+                 ) -> tuple[list[RawEvent], list[set[str]]]:
+    """Small real events for a chaos test: ``n`` corpus functions (all by default) and,
+    for every ``every``-th one, its ``CHAOS_EDITS`` copies, shuffled with ``seed`` so a
+    copy may come before or after its original and land on another partition. Two
+    labels, so the balance stage has classes to mix. Returns (events, groups): each group
+    is an original and its copies, of which at most one may ever be admitted."""
+    originals = [(f"{prefix}-{s.name}", s.text) for s in corpus(n)]
+    planted = plant(originals[::every], CHAOS_EDITS, prefix=f"{prefix}-copy")
+    groups: dict[str, set[str]] = {oid: {oid} for oid, _ in originals[::every]}
+    for copy, _ in planted:
+        groups[copy.original].add(copy.id)
+    items = originals + [(p.id, text) for p, text in planted]
+    random.Random(seed).shuffle(items)
+    events = [raw_event(i, t, label="python" if k % 3 else "tools")
+              for k, (i, t) in enumerate(items)]
+    return events, list(groups.values())
+
+
+_LOG_SIGNALS = re.compile(r"ERROR|CRITICAL|Traceback|Exception|Error:|unreachable|"
+                          r"[Rr]ebalanc|crash|Killed", re.ASCII)
+
+
+def log_evidence(started: Iterable[WorkerProcess], lines: int = 25) -> str:
+    """For an assertion message: each worker's notable log lines (errors, tracebacks,
+    rebalances, store outages; the last ``lines`` of them) and the end of its log."""
+    parts = []
+    for worker in started:
+        try:
+            text = worker.log_path.read_text(errors="replace")
+        except OSError:
+            text = ""
+        notable = [line for line in text.splitlines() if _LOG_SIGNALS.search(line)]
+        state = "alive" if worker.alive else f"exited {worker.proc.poll() if worker.proc else '-'}"
+        parts.append(f"--- {worker.log_path.name} ({state}), notable lines:\n"
+                     + "\n".join(notable[-lines:])
+                     + f"\n--- {worker.log_path.name}, last lines:\n{worker.log_tail(12)}")
+    return "\n".join(parts)
+
+
+@dataclass
+class Accounting:
+    """What a chaos run must add up to, from the topics and Redis after the run.
+
+    At-least-once in: a worker that dies before committing re-sends the outcome of what it
+    had done, so an id may have several outcome messages, all with the same decision
+    (``resent``, counted, allowed). Anything else is a failure: an id without an outcome
+    (``lost``), an id whose outcomes disagree (``changed``), two members of one group of
+    copies admitted (``groups_doubled``), two admitted samples within the dedup threshold
+    of each other (``close_pairs``), a sample missing from the vector set or a member of
+    the vector set that is no sample (``vset_missing`` / ``vset_extra``), a sample in two
+    batches (``in_two_batches``, with ``reuse_cap`` 1), a batch id re-sent with other
+    content (``batch_changed``), a sample the balance stage never buffered
+    (``unbuffered``), a batch sample that is no sample (``phantom``).
+    """
+
+    produced: list[str]
+    outcomes: dict[str, list[Seen]]
+    batches: dict[str, list[Seen]]
+    vset: set[str]
+    buffered: set[str]
+    groups: list[set[str]]
+    threshold: float
+
+    @property
+    def decided(self) -> dict[str, set[tuple[str, str | None, str | None]]]:
+        return {i: {s.decision for s in seen} for i, seen in self.outcomes.items()}
+
+    @property
+    def samples(self) -> set[str]:
+        return {i for i, d in self.decided.items() if ("kept", None, None) in d}
+
+    @property
+    def lost(self) -> list[str]:
+        return missing(self.produced, self.outcomes)
+
+    @property
+    def unexpected(self) -> list[str]:
+        return sorted(set(self.outcomes) - set(self.produced))
+
+    @property
+    def changed(self) -> dict[str, list[tuple[str, str | None, str | None]]]:
+        return {i: sorted(d, key=str) for i, d in self.decided.items() if len(d) > 1}
+
+    @property
+    def resent(self) -> dict[str, int]:
+        return {i: len(seen) for i, seen in self.outcomes.items() if len(seen) > 1}
+
+    @property
+    def groups_doubled(self) -> list[list[str]]:
+        return [sorted(g & self.samples) for g in self.groups if len(g & self.samples) > 1]
+
+    @property
+    def close_pairs(self) -> list[tuple[str, str, float]]:
+        """Pairs of admitted samples at or above the threshold, from their own embeddings
+        (float16 on the wire: a margin of 1e-3 keeps rounding from counting)."""
+        vectors: dict[str, Any] = {}
+        for i in sorted(self.samples):
+            record = next(s.record for s in self.outcomes[i] if not s.rejected)
+            if record.get("embedding_dim"):
+                vectors[i] = decode_embedding(record["embedding"], record["embedding_dim"])
+        if len(vectors) < 2:
+            return []
+        names = list(vectors)
+        matrix = np.vstack([vectors[n] for n in names])
+        matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
+        cos = matrix @ matrix.T
+        rows, cols = np.where(np.triu(cos, 1) >= self.threshold + 1e-3)
+        return [(names[r], names[c], float(cos[r, c])) for r, c in zip(rows, cols, strict=True)]
+
+    @property
+    def vset_missing(self) -> list[str]:
+        return sorted(self.samples - self.vset)
+
+    @property
+    def vset_extra(self) -> list[str]:
+        return sorted(self.vset - self.samples)
+
+    @property
+    def batch_changed(self) -> list[str]:
+        return sorted(b for b, seen in self.batches.items()
+                      if len({s.record["content_digest"] for s in seen}) > 1)
+
+    @property
+    def batch_uses(self) -> dict[str, list[str]]:
+        """Sample id → the distinct batches it entered."""
+        uses: dict[str, list[str]] = {}
+        for batch_id, seen in sorted(self.batches.items()):
+            for sample in seen[0].record["samples"]:
+                uses.setdefault(sample["id"], []).append(batch_id)
+        return uses
+
+    @property
+    def in_two_batches(self) -> dict[str, list[str]]:
+        return {i: b for i, b in self.batch_uses.items() if len(b) > 1}
+
+    @property
+    def phantom(self) -> list[str]:
+        return sorted(set(self.batch_uses) - self.samples)
+
+    @property
+    def unbuffered(self) -> list[str]:
+        return sorted(self.samples - self.buffered)
+
+    @property
+    def double_admissions(self) -> int:
+        """Admissions that should not be: a second member of a group, a second sample of a
+        close pair, an id both admitted and rejected."""
+        changed_kept = sum(1 for d in self.changed.values() if ("kept", None, None) in d)
+        return (sum(len(g) - 1 for g in self.groups_doubled) + len(self.close_pairs)
+                + changed_kept)
+
+    def problems(self) -> list[str]:
+        """Every broken guarantee, with the ids (empty: all accounted for)."""
+        checks: list[tuple[str, Any]] = [
+            ("lost (no outcome)", self.lost),
+            ("outcomes for ids never produced", self.unexpected),
+            ("outcomes that disagree (a replay changed the decision)", self.changed),
+            ("groups of copies with more than one admitted", self.groups_doubled),
+            ("admitted samples within the threshold of each other", self.close_pairs),
+            ("samples missing from the vector set", self.vset_missing),
+            ("vector-set members that are no sample", self.vset_extra),
+            ("samples in two batches", self.in_two_batches),
+            ("batch ids re-sent with other content", self.batch_changed),
+            ("batch samples that are no sample", self.phantom),
+            ("samples the balance stage never buffered", self.unbuffered),
+        ]
+        return [f"{what}: {len(found)}: {found}" for what, found in checks if found]
+
+    def summary(self) -> str:
+        """One line of figures for the report."""
+        resent = self.resent
+        return (f"produced {len(self.produced)}, with an outcome "
+                f"{len(set(self.produced) & set(self.outcomes))} (samples {len(self.samples)}, "
+                f"rejected {len(set(self.outcomes) - self.samples)}), outcome messages re-sent "
+                f"{sum(resent.values()) - len(resent)} for {len(resent)} ids, double "
+                f"admissions {self.double_admissions}, lost {len(self.lost)}; vector set "
+                f"{len(self.vset)}; {len(self.batches)} batches, samples in two batches "
+                f"{len(self.in_two_batches)}, unbuffered {len(self.unbuffered)}")

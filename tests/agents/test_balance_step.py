@@ -25,7 +25,7 @@ import pytest
 import redis
 
 from agents.balance import Balance
-from agents.buffers import ClassBuffers, buffers_for
+from agents.buffers import BufferStoreError, ClassBuffers, buffers_for
 from agents.feedback import LossStore
 from agents.normalize import content_digest, normalize
 from agents.step import Coords, Item
@@ -108,7 +108,8 @@ def add(step: Balance, sample: CuratedSample, state: dict[str, Any]
     composed (if any), and whether the sample was new (not a replay)."""
     replayed = step.counters["replayed"]
     step.state = state
-    outcomes = step.run([Item(sample, Coords("sluice.samples", 0, 0))])
+    # Sample s<i> is at offset i: adding it again is a redelivery of the same message.
+    outcomes = step.run([Item(sample, Coords("sluice.samples", 0, int(sample["id"][1:])))])
     return step.state, outcomes[0].record if outcomes else None, (
         step.counters["replayed"] == replayed)
 
@@ -240,3 +241,59 @@ def test_a_sample_is_buffered_in_redis_before_add_returns(stack: Settings, clien
         assert again.sizes() == {label: waiting[label] for label in sorted(waiting)}
     finally:
         cleanup(step)
+
+
+class FlakyBuffers(ClassBuffers):
+    """Real buffers whose next ``compose`` fails, as a Redis error mid-run would."""
+
+    fail_composes = 0
+
+    def compose(self, sequence: int, counts: Any, replays: int, meta: Any) -> Any:
+        if self.fail_composes:
+            self.fail_composes -= 1
+            raise BufferStoreError("compose refused")
+        return super().compose(sequence, counts, replays, meta)
+
+
+def test_a_failed_draw_is_retried_without_losing_the_sample_s_count(
+        stack: Settings, client: redis.Redis, stream: list[CuratedSample]) -> None:
+    """Bug A on the real Redis: batch size 4, three samples, then the fourth with the draw
+    failing; the agent's retry (the table's state) composes the batch."""
+    settings = stack.balance.model_copy(update={"batch_size": 4, "policy": "natural"})
+    namespace = unique_id()
+    buffers = FlakyBuffers(client, namespace, 0, settings.buffer_cap, settings.reuse_cap)
+    step = Balance(settings, buffers, LossStore(client, namespace))
+    try:
+        state, _ = feed(step, stream[:3])
+        buffers.fail_composes = 1
+        with pytest.raises(BufferStoreError):
+            add(step, stream[3], state)
+        state, batch, fresh = add(step, stream[3], state)
+        assert fresh and batch is not None and len(batch["samples"]) == 4
+        assert (state["pending"], state["sequence"]) == (0, 1)
+    finally:
+        cleanup(step)
+
+
+def test_a_batch_drawn_before_a_crash_is_re_sent_byte_for_byte(
+        stack: Settings, client: redis.Redis, stream: list[CuratedSample]) -> None:
+    """Finding 3 on the real Redis: the draw is recorded with the batch; a new step (a
+    restarted worker with the table's older state) re-sends the same bytes, takes the
+    state after it, and the next batch follows without a gap or a reuse."""
+    first = balancer(stack, client, "inverse", replay_fraction=0.25)
+    try:
+        state, _ = feed(first, stream[:BATCH - 1])
+        first.buffers.push_replay([stream[0]["id"], stream[1]["id"]])  # type: ignore[attr-defined]
+        _, lost, _ = add(first, stream[BATCH - 1], state)  # drawn; never sent, never saved
+        assert lost is not None and sum(s["replay"] for s in lost["samples"]) == 2
+        second = Balance(first.settings, first.buffers, first.losses)
+        again_state, again, fresh = add(second, stream[BATCH - 1], state)
+        assert not fresh and again is not None
+        assert encode("CuratedBatch", again) == encode("CuratedBatch", lost)
+        assert again_state == first.state
+        second.confirm(again)
+        assert first.buffers.unsent() == []
+        _, more = feed(second, stream[BATCH:2 * BATCH], again_state)
+        assert [b["sequence"] for b in more] == [1]
+    finally:
+        cleanup(first)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import redis
 
-from agents.buffers import BufferStoreError, ClassBuffers
+from agents.buffers import BufferStoreError, ClassBuffers, SequenceTaken
 from sluice.settings import Settings
 from streams.connections import redis_client
 
@@ -204,3 +204,45 @@ def test_bad_input_and_bad_client(make: Any, stack: Settings) -> None:
     text.close()
     with pytest.raises(BufferStoreError):
         make(buffer_cap=0)
+
+
+def test_admit_remembers_the_offset_that_first_buffered_an_id(make: Any) -> None:
+    buf = make()
+    assert buf.admit(sample(1), 17) == (True, 17, 0)
+    assert buf.admit(sample(1), 17) == (False, 17, 0)  # the same message again
+    assert buf.admit(sample(1), 99) == (False, 17, 0)  # the same id in another message
+    assert buf.admit(sample(2)) == (True, None, 0)  # offset unknown
+    assert buf.admit(sample(2), 5) == (False, None, 0)
+
+
+def test_compose_draws_and_records_in_one_step_until_confirmed(make: Any,
+                                                                client: redis.Redis) -> None:
+    buf = make(reuse_cap=1, retain_s=0)
+    buf.add_many([sample(i, "a") for i in range(4)] + [sample(10 + i, "b") for i in range(4)])
+    buf.draw({"b": 1})  # id00010 used up, but its payload is gone (retain 0)
+    buf.push_replay(["id00011"])
+    meta = {"state": {"sequence": 1}, "shares": {"a": 0.5, "b": 0.5}}
+    rows = buf.compose(0, {"a": 2, "b": 1}, 1, meta)
+    assert [(r["id"], r["replay"]) for r in rows] == [
+        ("id00000", False), ("id00001", False), ("id00012", False), ("id00011", True)]
+    assert buf.replay_size() == 0
+    [recorded] = buf.unsent()
+    assert (recorded.sequence, recorded.meta, recorded.rows) == (0, meta, rows)
+    assert buf.admit(sample(20, "a"), 3).unsent == 1
+    # The drawn uses are spent whether or not the batch was sent yet.
+    assert buf.sizes() == {"a": 3, "b": 2}  # a: 2, 3, 20; b: 11 (a replay: no use), 13
+    assert not client.exists(buf.sample_key("id00000"))  # used up, and still recorded
+    with pytest.raises(SequenceTaken) as taken:
+        buf.compose(0, {"a": 1}, 0, meta)
+    assert taken.value.next == 1
+    assert buf.compose(1, {"missing": 3}, 0, meta) == []  # nothing drawn: nothing recorded
+    buf.confirm(0)
+    assert buf.unsent() == [] and buf.admit(sample(21, "a"), 4).unsent == 0
+    assert [k for k in client.scan_iter(match=buf.prefix + ":outbox:0*")] == []
+
+
+def test_labels_are_admitted_up_to_the_limit_for_the_whole_namespace(make: Any) -> None:
+    p0, p1 = make(partition=0), make(partition=1)
+    assert p0.admit_label("python", 2) and p1.admit_label("go", 2)
+    assert not p0.admit_label("rust", 2) and not p1.admit_label("rust", 2)
+    assert p1.admit_label("python", 2) and p0.admit_label("go", 2)  # known: still admitted

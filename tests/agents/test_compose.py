@@ -16,8 +16,14 @@ from agents.compose import (
     assemble_batch,
     batch_id,
     batch_order,
+    batch_overhead,
+    fit_samples,
+    label_problem,
     lineage_digest,
+    parse_batch_id,
     partition_of,
+    sample_bytes,
+    utf8_prefix,
 )
 from agents.policy import target_shares
 from agents.stats import ClassEMA
@@ -184,3 +190,94 @@ def test_assemble_batch_builds_a_valid_curated_batch() -> None:
         assemble_batch(partition=0, sequence=0, samples=[bad], policy="natural",
                        class_shares={}, target_shares={}, weights={}, difficulty=None,
                        created_at=0)
+
+
+# -- bounds (issue 10) -------------------------------------------------------------------------
+
+
+def _sample(i: int, content: str, *, ident: str | None = None, dim: int = 8) -> dict[str, Any]:
+    return {"id": ident or f"id-{i}", "label": "python", "kind": "CODE", "source": "repo",
+            "content": content, "digest": hashlib.sha256(content.encode()).hexdigest(),
+            "embedding": bytes(2 * dim), "embedding_dim": dim, "replay": False}
+
+
+def _encoded(samples: list[dict[str, Any]], **meta: Any) -> int:
+    batch = assemble_batch(partition=meta.get("partition", 3), sequence=meta.get("sequence", 7),
+                           samples=samples, policy="inverse(epsilon=0.1,gamma=1.0)",
+                           class_shares=meta.get("shares", {"python": 1.0}),
+                           target_shares=meta.get("shares", {"python": 1.0}),
+                           weights={"python": 1.5}, difficulty=meta.get("difficulty"),
+                           created_at=1_700_000_000_000)
+    return len(serde.encode("CuratedBatch", batch))
+
+
+def test_avro_sizes_are_exact() -> None:
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 63, 64, 200):
+        samples = [_sample(i, "é✓x" * int(rng.integers(0, 3000)), dim=int(rng.integers(1, 400)))
+                   for i in range(n)]
+        shares = {f"c{k}": 1.0 / (k + 1) for k in range(int(rng.integers(0, 70)))}
+        fixed = batch_overhead(partition=3, sequence=7 * n, created_at=1_700_000_000_000,
+                               policy="inverse(epsilon=0.1,gamma=1.0)", class_shares=shares,
+                               target_shares=shares, difficulty=None, samples=n)
+        total = fixed + sum(sample_bytes(s) for s in samples)
+        assert total == _encoded(samples, sequence=7 * n, shares=shares)
+
+
+def test_fit_samples_cuts_only_the_longest_to_one_level_and_fits() -> None:
+    samples = [_sample(0, "a" * 100), _sample(1, "b" * 5000), _sample(2, "c" * 9000)]
+    sizes = [sample_bytes(s) for s in samples]
+    assert fit_samples(samples, sum(sizes)).samples == samples  # fits: unchanged
+    fitted = fit_samples(samples, 6000)
+    assert fitted.samples[0] == samples[0]
+    after = [sample_bytes(s) for s in fitted.samples]
+    assert sum(after) <= 6000 and abs(after[1] - after[2]) <= 2
+    assert [s["id"] for s in fitted.truncated] == ["id-1", "id-2"] and fitted.dropped == []
+    assert all(s["content"] == o["content"][:len(s["content"])]
+               for s, o in zip(fitted.samples, samples, strict=True))
+
+
+def test_fit_samples_cuts_at_a_utf8_boundary_and_drops_what_cannot_fit() -> None:
+    fitted = fit_samples([_sample(0, "✓" * 1000)], 1001)
+    assert sample_bytes(fitted.samples[0]) <= 1001
+    assert set(fitted.samples[0]["content"]) == {"✓"}
+    huge_id = _sample(1, "x", ident="i" * 5000)
+    fitted = fit_samples([_sample(0, "y" * 3000), huge_id], 4000)
+    assert [s["id"] for s in fitted.samples] == ["id-0"]
+    assert fitted.dropped == [huge_id]
+    assert sum(sample_bytes(s) for s in fitted.samples) <= 4000
+    assert utf8_prefix("aé", 2) == "a" and utf8_prefix("aé", 3) == "aé"
+
+
+def test_fit_samples_on_random_inputs_always_fits() -> None:
+    rng = np.random.default_rng(11)
+    for _ in range(200):
+        samples = [_sample(i, "wörd " * int(rng.integers(0, 2000)))
+                   for i in range(int(rng.integers(1, 20)))]
+        budget = int(rng.integers(0, 40_000))
+        fitted = fit_samples(samples, budget)
+        assert sum(sample_bytes(s) for s in fitted.samples) <= budget
+        assert len(fitted.samples) + len(fitted.dropped) == len(samples)
+        # Never cut more than needed: a level one byte higher would not fit.
+        if fitted.truncated and not fitted.dropped:
+            assert sum(sample_bytes(s) for s in fitted.samples) > budget - 4 * len(samples)
+
+
+@pytest.mark.parametrize(("label", "problem"), [
+    ("python", None), ("c++", None), ("objective-c", None), ("text/markdown", None),
+    ("C#", None), ("français", None), ("x" * 64, None),
+    (None, "label_not_text"), ("", "label_empty"), ("x" * 65, "label_too_long"),
+    ("two words", "label_characters"), ("_private", "label_characters"),
+    ("a:b", "label_characters"), ("{tag}", "label_characters"), ("tab\t", "label_characters"),
+])
+def test_label_problem(label: object, problem: str | None) -> None:
+    assert label_problem(label) == problem
+
+
+def test_parse_batch_id_accepts_only_what_batch_id_makes() -> None:
+    digest = hashlib.sha256(b"x").hexdigest()
+    assert parse_batch_id(batch_id(12, 345, digest)) == (12, 345)
+    for bad in ("not-a-batch", "3-7", "3-7-ABCDEF012345", "-1-0-abcdef012345",
+                "3-7-abcdef0123456", "３-7-abcdef012345", 17, None):
+        with pytest.raises(ComposeError):
+            parse_batch_id(bad)

@@ -13,6 +13,7 @@ from agents.feedback_logic import (
     DIFFICULTY_CEIL,
     DIFFICULTY_FLOOR,
     difficulty_factors,
+    feedback_problem,
     hard_examples,
     process_feedback,
 )
@@ -105,3 +106,29 @@ def test_empty_feedback_and_changed_alpha() -> None:
     state = process_feedback(None, _feedback([("1", "a", 1.0)]), alpha=0.9, hard_k=2.0).state
     fresh = process_feedback(state, _feedback([("2", "b", 1.0)]), alpha=0.5, hard_k=2.0)
     assert set(LossEMA.from_dict(fresh.state).classes) == {"b"}
+
+
+def test_the_classes_are_bounded_and_the_rest_is_ignored() -> None:
+    """A foreign producer's labels cannot grow the statistics: past ``max_classes`` the
+    losses of new classes are left out (counted) and never chosen as hard examples."""
+    first = process_feedback(None, _feedback([("a1", "a", 0.5), ("b1", "b", 0.5)]),
+                             alpha=0.9, hard_k=2.0, max_classes=2)
+    assert first.ignored == 0
+    spray = _feedback([(f"x{i}", f"label{i}", 50.0) for i in range(100)] + [("a2", "a", 0.4)],
+                      step=1)
+    out = process_feedback(first.state, spray, alpha=0.9, hard_k=2.0, max_classes=2)
+    assert out.ignored == 100
+    assert set(out.state["classes"]) == {"a", "b"} and set(out.difficulty) == {"a", "b"}
+    assert out.hard_ids == []
+    unbounded = process_feedback(first.state, spray, alpha=0.9, hard_k=2.0)
+    assert len(unbounded.state["classes"]) == 102
+
+
+def test_feedback_problem_names_what_cannot_be_folded() -> None:
+    good = _feedback([("a1", "python", 0.5)])
+    assert feedback_problem(good) is None and feedback_problem(good, partitions=1) is None
+    assert feedback_problem(dict(good, batch_id="not-a-batch"))[0] == "invalid:batch_id"  # type: ignore[index]
+    assert feedback_problem(dict(good, batch_id="4-0-abcdef012345"), partitions=4)[0] == (  # type: ignore[index]
+        "invalid:partition")
+    bad_label = _feedback([("a1", "python", 0.5), ("a2", "no spaces", 0.5)])
+    assert feedback_problem(bad_label)[0] == "invalid:label"  # type: ignore[index]

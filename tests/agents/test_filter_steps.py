@@ -47,11 +47,15 @@ class MemoryClaims:
 
     def __init__(self) -> None:
         self.owners: dict[str, str] = {}
+        self.firsts: dict[str, str] = {}
         self.calls: list[list[tuple[str, str]]] = []
 
     def claim(self, pairs: Sequence[tuple[str, str]]) -> list[str]:
         self.calls.append(list(pairs))
         return [self.owners.setdefault(digest, ident) for digest, ident in pairs]
+
+    def first_digests(self, pairs: Sequence[tuple[str, str]]) -> list[str]:
+        return [self.firsts.setdefault(ident, digest) for ident, digest in pairs]
 
 
 class MemoryNearIndex:
@@ -163,7 +167,8 @@ def candidate(event_id: str, text: str, offset: int = 0, label: str = "python") 
         id=event_id, source="stdlib", kind="CODE", language="python", label=label,
         content=content, timestamp=1_700_000_000_000, attributes={"repo": "cpython"},
         digest=content_digest(content), quality_score=0.9, ingested_at=1_700_000_000_001,
-        raw_partition=2, raw_offset=offset), Coords("sluice.candidates", 1, offset))
+        raw_partition=2, raw_offset=offset, earlier_digest=None),
+        Coords("sluice.candidates", 1, offset))
 
 
 def candidates(*pairs: tuple[str, str]) -> list[Item]:

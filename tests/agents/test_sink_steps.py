@@ -1,178 +1,39 @@
 """The sink steps' decisions without services: ``Balance`` over in-memory class buffers and
 ``Feedback`` over an in-memory loss store that folds with the pure
-``agents.feedback_logic.process_feedback``.
-
-``MemoryBuffers`` keeps ``ClassBuffers``' contract (idempotent ``add``, per-class FIFO with a
-reuse cap, ``exclude``, a replay queue of ids whose payload is still there); the Redis one is
-tested on the real Redis by ``test_buffers`` and ``test_balance_step``.
+``agents.feedback_logic.process_feedback`` (both in ``tests.agents.sink_util``; the Redis
+ones are tested on the real Redis by ``test_buffers``, ``test_balance_step`` and
+``test_feedback_store``). The bounds (message size, labels) are in ``test_balance_bounds``.
 """
 
 from __future__ import annotations
 
+import logging
 import random
-from collections import Counter, deque
-from collections.abc import Iterable, Mapping
+from collections import Counter
 from typing import Any
 
-import numpy as np
 import pytest
 
 from agents.balance import Balance
-from agents.buffers import SAMPLE_FIELDS
+from agents.buffers import BufferStoreError
 from agents.compose import partition_of
 from agents.config import BalanceSettings
 from agents.feedback import Feedback
-from agents.feedback_logic import FeedbackOutcome, process_feedback
-from agents.normalize import content_digest, normalize
+from agents.feedback_logic import process_feedback
 from agents.policy import label_for
 from agents.step import Coords, Item
-from schemas.records import CuratedBatch, CuratedSample
-from schemas.records import Feedback as FeedbackRecord
-from streams.serde import decode, encode
-from tests.agents.pipeline_util import corpus
-
-SNIPPETS = corpus(12)
-DOCS = [
-    "The scheduler keeps a priority queue of pending events and runs each one when due.",
-    "Use a context manager so that the file is closed even when the parser raises.",
-    "Tokens are read lazily: the lexer only advances when the parser asks for more.",
-    "Configuration is validated once at start-up, and errors name the bad setting.",
-]
-
-
-# -- in-memory stores ------------------------------------------------------------------------
-
-
-class MemoryBuffers:
-    """The class buffers of one partition, in memory (payloads are kept for good)."""
-
-    def __init__(self, partition: int, reuse_cap: int) -> None:
-        self.partition = partition
-        self.reuse_cap = reuse_cap
-        self.samples: dict[str, dict[str, Any]] = {}
-        self.uses: Counter[str] = Counter()
-        self.queues: dict[str, deque[str]] = {}
-        self.replay: list[str] = []
-
-    def add(self, sample: Mapping[str, Any]) -> bool:
-        if sample["id"] in self.samples:
-            return False
-        self.samples[sample["id"]] = {name: sample[name] for name in SAMPLE_FIELDS}
-        self.queues.setdefault(sample["label"], deque()).append(sample["id"])
-        return True
-
-    def draw(self, counts: Mapping[str, int], exclude: Iterable[str] = ()
-             ) -> list[dict[str, Any]]:
-        excluded, out = set(exclude), []
-        for label, n in counts.items():
-            queue = self.queues.get(label, deque())
-            budget, got = len(queue), 0
-            while got < n and budget > 0:
-                ident = queue.popleft()
-                budget -= 1
-                if ident in excluded:
-                    queue.append(ident)
-                    continue
-                self.uses[ident] += 1
-                out.append({**self.samples[ident], "replay": False})
-                got += 1
-                if self.uses[ident] < self.reuse_cap:
-                    queue.append(ident)
-        return out
-
-    def push_replay(self, ids: Iterable[str]) -> int:
-        queued = 0
-        for ident in ids:
-            if ident in self.samples and ident not in self.replay:
-                self.replay.append(ident)
-                queued += 1
-        return queued
-
-    def pop_replay(self, n: int) -> list[dict[str, Any]]:
-        taken, self.replay = self.replay[:max(n, 0)], self.replay[max(n, 0):]
-        return [{**self.samples[ident], "replay": True} for ident in taken]
-
-    def sizes(self) -> dict[str, int]:
-        return {label: len(q) for label, q in sorted(self.queues.items())}
-
-
-class MemoryLosses:
-    """The shared loss statistics and difficulty factors, in memory."""
-
-    def __init__(self, factors: dict[str, float] | None = None) -> None:
-        self.state: dict[str, Any] | None = None
-        self.factors = dict(factors or {})
-
-    def fold(self, feedback: FeedbackRecord, alpha: float, hard_k: float) -> FeedbackOutcome:
-        outcome = process_feedback(self.state, feedback, alpha=alpha, hard_k=hard_k)
-        self.state = outcome.state
-        self.factors.update(outcome.difficulty)
-        return outcome
-
-    def difficulty(self) -> dict[str, float]:
-        return dict(self.factors)
-
-
-# -- helpers ---------------------------------------------------------------------------------
-
-
-def sample(i: int, label: str) -> CuratedSample:
-    """A CuratedSample of real content with a small unit embedding (8 × float16)."""
-    text = SNIPPETS[i % len(SNIPPETS)].text if label == "python" else DOCS[i % len(DOCS)]
-    content = normalize(f"{text}\n# {i}")
-    vector = np.random.default_rng(i).standard_normal(8).astype(np.float32)
-    vector /= np.linalg.norm(vector)
-    return CuratedSample(
-        id=f"s{i:04d}", source="test", kind="CODE" if label == "python" else "TEXT",
-        language=None, label=label, content=content, timestamp=1_700_000_000_000 + i,
-        attributes={}, digest=content_digest(content), quality_score=0.9,
-        embedding=vector.astype("<f2").tobytes(), embedding_dim=8, model="test",
-        nearest_similarity=None, admitted_at=1_700_000_000_000 + i)
-
-
-def stream(n: int, pattern: tuple[str, ...] = ("python", "python", "python", "docs")
-           ) -> list[CuratedSample]:
-    """``n`` samples whose labels cycle through ``pattern``."""
-    return [sample(i, pattern[i % len(pattern)]) for i in range(n)]
-
-
-def as_items(samples: Iterable[CuratedSample], partition: int = 3) -> list[Item]:
-    return [Item(s, Coords("sluice.samples", partition, i)) for i, s in enumerate(samples)]
-
-
-def balance(partition: int = 3, losses: MemoryLosses | None = None, **extra: Any
-            ) -> tuple[Balance, MemoryBuffers]:
-    settings = BalanceSettings(**{"batch_size": 4, "replay_fraction": 0.0, "policy": "natural",
-                                  "reuse_cap": 8, **extra})
-    buffers = MemoryBuffers(partition, settings.reuse_cap)
-    return Balance(settings, buffers, losses or MemoryLosses()), buffers  # type: ignore[arg-type]
-
-
-def batches_of(step: Balance, samples: Iterable[CuratedSample], one_at_a_time: bool = False
-               ) -> list[CuratedBatch]:
-    items = as_items(samples, step.partition)
-    runs = [[i] for i in items] if one_at_a_time else [items]
-    out = []
-    for run in runs:
-        for outcome in step.run(run):
-            assert not outcome.rejected
-            assert decode(encode("CuratedBatch", outcome.record), "CuratedBatch") == (
-                outcome.record)
-            out.append(outcome.record)
-    return out
-
-
-def feedback(batch_id: str, losses: Iterable[tuple[str, str, float]]) -> FeedbackRecord:
-    record = FeedbackRecord(batch_id=batch_id, step=1, model="bow", created_at=0,
-                            losses=[{"id": i, "label": lab, "loss": loss, "correct": None}
-                                    for i, lab, loss in losses])
-    encode("Feedback", record)
-    return record
-
-
-def labels(batch: CuratedBatch) -> Counter[str]:
-    return Counter(s["label"] for s in batch["samples"])
-
+from streams.metrics import RESENT, class_in, rejected
+from streams.serde import encode
+from tests.agents.sink_util import (
+    MemoryBuffers,
+    MemoryLosses,
+    as_items,
+    balance,
+    batches_of,
+    feedback,
+    labels,
+    stream,
+)
 
 # -- Balance ---------------------------------------------------------------------------------
 
@@ -189,7 +50,8 @@ def test_a_batch_every_batch_size_new_samples_numbered_in_its_partition() -> Non
     assert {s["id"] for s in batches[0]["samples"]} <= {s["id"] for s in samples[:4]}
     assert batches[0]["policy"] == label_for(step.settings)
     assert (step.state["pending"], step.state["sequence"]) == (2, 2)
-    assert step.counters == Counter({"in": 10, "out": 2})
+    assert step.counters == Counter({"in": 10, "out": 2, class_in("python"): 8,
+                                     class_in("docs"): 2})
 
 
 def test_batches_are_the_same_whether_samples_come_one_by_one_or_together() -> None:
@@ -228,7 +90,9 @@ def test_a_new_step_given_the_stored_state_continues_where_the_last_one_stopped(
     # A worker restarts after 6 samples: new step, same buffers, the table's state.
     first, buffers = balance()
     before = batches_of(first, samples[:6])
-    second = Balance(first.settings, buffers, first.losses)  # type: ignore[arg-type]
+    for batch in before:
+        first.confirm(batch)  # sent: the agent confirms each batch after its send
+    second = Balance(first.settings, buffers, first.losses)
     second.state = dict(first.state)
     after = batches_of(second, samples[6:])
     assert [b["batch_id"] for b in before + after] == expected
@@ -281,11 +145,104 @@ def test_queued_hard_examples_fill_up_to_the_replay_fraction_of_a_batch() -> Non
     assert len(third["samples"]) == 8
 
 
+# -- Balance across failures -----------------------------------------------------------------
+
+
+def test_a_sample_of_a_run_whose_draw_failed_is_counted_on_the_retry() -> None:
+    """Bug A: the 4th sample is buffered, then the draw raises; the agent retries with the
+    table's state. The retry must count the sample (it is not a replay: this very message
+    buffered it) and compose the batch."""
+    step, buffers = balance()
+    items = as_items(stream(4), step.partition)
+    for item in items[:3]:
+        step.run([item])
+    state = dict(step.state)
+    buffers.fail_composes = 1
+    with pytest.raises(BufferStoreError):
+        step.run([items[3]])
+    assert step.state == state  # nothing of the failed run reached the state
+    step.state = dict(state)
+    [batch] = step.run([items[3]])
+    assert len(batch.record["samples"]) == 4
+    assert (step.state["pending"], step.state["sequence"]) == (0, 1)
+    assert step.counters["replayed"] == 0
+
+
+def test_a_sample_buffered_by_a_run_that_never_reached_the_table_is_counted_again() -> None:
+    """Bug A after a crash between the Redis add and the table write: a new step with the
+    table's (older) state sees the same message again and counts it; a second delivery
+    of a counted message stays a replay."""
+    samples = stream(8)
+    first, buffers = balance()
+    batches_of(first, samples[:2], one_at_a_time=True)
+    saved = dict(first.state)
+    first.run(as_items([samples[2]], first.partition))  # buffered; its state is lost
+    second = Balance(first.settings, buffers, first.losses)
+    second.state = saved
+    assert second.run(as_items([samples[2]], first.partition)) == []
+    assert (second.state["pending"], second.counters["replayed"]) == (3, 0)
+    assert second.run(as_items([samples[2]], first.partition)) == []
+    assert (second.state["pending"], second.counters["replayed"]) == (3, 1)
+    [batch] = batches_of(second, samples[3:4])
+    assert {s["id"] for s in batch["samples"]} == {s["id"] for s in samples[:4]}
+
+
+def test_a_batch_drawn_but_never_sent_is_sent_again_by_the_next_worker() -> None:
+    """Finding 3: the worker drew a batch and died before the send and the table write. A
+    new step (new worker, the table's older state, the same message redelivered) re-sends
+    that very batch, takes the state after it, and goes on: no use lost, no sample
+    counted twice, no sequence reused."""
+    samples = stream(12)
+    first, buffers = balance(reuse_cap=1)
+    batches_of(first, samples[:3])
+    saved = dict(first.state)
+    [lost] = batches_of(first, samples[3:4])  # drawn and recorded, never sent
+    second = Balance(first.settings, buffers, first.losses)
+    second.state = saved
+    [again] = batches_of(second, samples[3:4])
+    assert again == lost
+    assert encode("CuratedBatch", again) == encode("CuratedBatch", lost)
+    assert second.state == first.state and second.counters[RESENT] == 1
+    second.confirm(again)
+    more = batches_of(second, samples[4:])
+    assert [b["sequence"] for b in more] == [1, 2]
+    uses = Counter(s["id"] for b in [again, *more] for s in b["samples"])
+    assert uses == Counter(s["id"] for s in samples)
+    assert [r.sequence for r in buffers.unsent()] == [1, 2]  # handed out, not yet confirmed
+
+
+def test_a_batch_whose_send_failed_is_sent_by_the_next_run_and_a_confirmed_one_never() -> None:
+    step, buffers = balance()
+    samples = stream(8)
+    [first] = batches_of(step, samples[:4])
+    step.confirm(first)
+    [second] = batches_of(step, samples[4:5] + samples[5:8])
+    step.release()  # the send failed: the agent hands it back
+    [resent] = batches_of(step, stream(9)[8:])
+    assert resent == second and step.counters[RESENT] == 1
+    step.confirm(resent)
+    assert buffers.unsent() == []
+    assert batches_of(step, stream(10)[9:]) == []
+
+
+def test_a_lost_table_never_reuses_a_batch_id() -> None:
+    """The table's state is gone (its changelog lost), the buffers remember the next free
+    sequence: the next batch takes it, so no batch id is ever given twice."""
+    first, buffers = balance()
+    batches = batches_of(first, stream(8))
+    for b in batches:
+        first.confirm(b)
+    second = Balance(first.settings, buffers, first.losses)
+    [batch] = batches_of(second, stream(12)[8:])
+    assert batch["sequence"] == 2
+    assert batch["batch_id"] not in {b["batch_id"] for b in batches}
+
+
 # -- Feedback --------------------------------------------------------------------------------
 
 
 def feedback_step(buffers: dict[int, MemoryBuffers], losses: MemoryLosses | None = None,
-                  **extra: Any) -> tuple[Feedback, list[int]]:
+                  partitions: int | None = None, **extra: Any) -> tuple[Feedback, list[int]]:
     asked: list[int] = []
 
     def buffers_of(partition: int) -> MemoryBuffers:
@@ -293,7 +250,9 @@ def feedback_step(buffers: dict[int, MemoryBuffers], losses: MemoryLosses | None
         return buffers[partition]
 
     settings = BalanceSettings(**{"hard_k": 2.0, "loss_alpha": 0.9, **extra})
-    return Feedback(settings, losses or MemoryLosses(), buffers_of), asked  # type: ignore[arg-type]
+    step = Feedback(settings, losses or MemoryLosses(), buffers_of,  # type: ignore[arg-type]
+                    partitions=partitions)
+    return step, asked
 
 
 def test_hard_examples_are_queued_on_the_partition_the_batch_id_names() -> None:
@@ -365,3 +324,58 @@ def test_feedback_on_a_batch_brings_its_hard_example_back_in_the_next_batch() ->
     # The difficulty feedback published is what the next batch was composed with.
     assert second["difficulty"] == pytest.approx(losses.difficulty())
     assert second["difficulty"][hard["label"]] > 1.0
+
+
+def test_a_malformed_batch_id_is_a_counted_skip_logged_where_it_was_read(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Bug B: "not-a-batch" with a hard example among its losses crashed the agent. It is
+    a rejection with a reason, counted, logged with topic/partition/offset, and nothing of
+    it is folded."""
+    buffers = {0: MemoryBuffers(0, reuse_cap=4)}
+    losses = MemoryLosses()
+    step, asked = feedback_step(buffers, losses)
+    bad = feedback("not-a-batch", [(f"s{i}", "python", 0.1) for i in range(7)]
+                   + [("s7", "python", 9.0)])
+    with caplog.at_level(logging.WARNING, logger="agents.feedback"):
+        [out] = step.run([Item(bad, Coords("training-feedback", 1, 42))])
+    assert out.rejected and out.reason == "invalid:batch_id"
+    assert asked == [] and losses.state is None
+    assert step.counters[rejected("invalid:batch_id")] == 1
+    assert "training-feedback[1]@42" in caplog.text and "not-a-batch" in caplog.text
+
+
+@pytest.mark.parametrize(("batch_id", "label", "reason"), [
+    ("7-0-abcdef012345", "python", "invalid:partition"),
+    ("0-0-abcdef012345", "bad label", "invalid:label"),
+    ("0-0-ABCDEF012345", "python", "invalid:batch_id"),
+])
+def test_a_feedback_record_naming_what_cannot_be_is_skipped(batch_id: str, label: str,
+                                                            reason: str) -> None:
+    buffers = {0: MemoryBuffers(0, reuse_cap=4)}
+    losses = MemoryLosses()
+    step, _ = feedback_step(buffers, losses, partitions=4)
+    [out] = step.run([Item(feedback(batch_id, [("s1", label, 0.5)]),
+                           Coords("training-feedback", 0, 0))])
+    assert out.rejected and out.reason == reason and losses.state is None
+
+
+def test_the_same_feedback_record_twice_is_folded_once() -> None:
+    """Finding 7 at the step: the store says (batch id, step) was folded; the step counts
+    a replay and queues nothing."""
+    buffers = {0: MemoryBuffers(0, reuse_cap=4)}
+    for s in stream(8):
+        buffers[0].add(s)
+    losses = MemoryLosses()
+    step, _ = feedback_step(buffers, losses)
+    record = feedback("0-1-abcdef012345", [(f"s{i:04d}", "python", 0.1) for i in range(7)]
+                      + [("s0007", "python", 9.0)])
+    [first] = step.run([Item(record, Coords("training-feedback", 0, 0))])
+    state = losses.state
+    [second] = step.run([Item(record, Coords("training-feedback", 0, 0))])
+    assert first.record["queued"] == 1 and not first.record["replayed"]
+    assert second.record["replayed"] and second.record["queued"] == 0
+    assert losses.state == state and step.counters["replayed"] == 1
+    # Another step of the same batch is new feedback.
+    [third] = step.run([Item(feedback("0-1-abcdef012345", [("s0001", "python", 0.2)], step=2),
+                             Coords("training-feedback", 0, 1))])
+    assert not third.record["replayed"] and losses.state != state

@@ -6,12 +6,12 @@ import time
 import uuid
 
 import pytest
-from kafka import TopicPartition
+from kafka import KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient
 from kafka.errors import KafkaError, NoError
 from kafka.structs import OffsetAndMetadata
 
-from sluice.metrics_feed import DOWN, LIVE, MetricsFeed, MetricsStore
+from sluice.metrics_feed import DOWN, LIVE, MetricsFeed, MetricsStore, group_lag
 from sluice.metrics_view import (
     Sample,
     View,
@@ -226,3 +226,48 @@ def test_feed_reads_the_topic_and_the_workers_lag(stack: Settings) -> None:
     assert state["lag"] == {raw: 3}
     assert state["source"] == {"bootstrap": stack.bootstrap_servers, "topic": topic,
                                "group": group}
+
+
+@pytest.mark.integration
+def test_group_lag_on_live_multi_partition_topics(stack: Settings) -> None:
+    """The lag probe as the dashboard meets it while a pipeline starts: the workers' group
+    commits on raw-events first, on the samples topic later, and the probe asks again. Every
+    partition of every topic counts and nothing raises (the probe used to ask a consumer
+    assigned to the metrics topic, whose ``end_offsets`` in kafka-python 3.0.12 left out the
+    partitions of a topic it had not seen yet and raised ``KeyError`` on them)."""
+    metrics = create_topic(stack, "metrics")
+    raw = create_topic(stack, "raw", partitions=4)
+    samples = create_topic(stack, "samples", partitions=3)
+    group = f"workers-{uuid.uuid4().hex[:8]}"
+    # Records on every partition: raw p holds 5 + p records, samples p holds 3 + p.
+    producer = KafkaProducer(**kafka_client_options(stack.kafka))
+    try:
+        for topic, count, base in ((raw, 4, 5), (samples, 3, 3)):
+            for p in range(count):
+                for n in range(base + p):
+                    producer.send(topic, value=b"x%d" % n, partition=p)
+        producer.flush(timeout=15)
+    finally:
+        producer.close()
+    on_raw = {TopicPartition(raw, 0): 1, TopicPartition(raw, 1): 6, TopicPartition(raw, 2): 0,
+              TopicPartition(raw, 3): 2}
+    on_samples = {TopicPartition(samples, 0): 3, TopicPartition(samples, 1): 1,
+                  TopicPartition(samples, 2): 4}
+    raw_lag = (5 - 1) + (6 - 6) + (7 - 0) + (8 - 2)
+    samples_lag = (3 - 3) + (4 - 1) + (5 - 4)
+    topics = {raw, samples, metrics}
+
+    admin = KafkaAdminClient(**kafka_client_options(stack.kafka))
+    try:
+        for tp, offset in on_raw.items():
+            commit_offset(stack, group, tp, offset)
+        assert group_lag(admin, f"nobody-{uuid.uuid4().hex[:8]}", topics) == {}
+        assert group_lag(admin, group, topics) == {raw: raw_lag}
+        for tp, offset in on_samples.items():
+            commit_offset(stack, group, tp, offset)
+        for _ in range(2):
+            assert group_lag(admin, group, topics) == {raw: raw_lag,
+                                                                 samples: samples_lag}
+        assert group_lag(admin, group, {samples}) == {samples: samples_lag}
+    finally:
+        admin.close()

@@ -153,3 +153,12 @@ def test_status_of_a_stack_never_started(tmp_path: Path) -> None:
     assert [(c.name, c.running, c.answering) for c in statuses] == [
         ("kafka", False, False), ("redis", False, False)]
     assert statuses[1].address == f"127.0.0.1:{settings.stack.redis_port}"
+
+
+@pytest.mark.integration
+def test_embedded_redis_syncs_every_write_before_answering(client: redis.Redis) -> None:
+    """README's delivery guarantee rests on it: an admission a worker was told about is on
+    disk (``python -m bench.durability`` measures what ``everysec`` would lose)."""
+    config = {**client.config_get("appendonly"), **client.config_get("appendfsync")}
+    assert {str(k): str(v) for k, v in config.items()} == {"appendonly": "yes",
+                                                           "appendfsync": "always"}

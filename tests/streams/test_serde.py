@@ -13,6 +13,8 @@ import time
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import schemas
 from streams.serde import DecodeError, EncodeError, decode, decode_raw_event, encode
@@ -288,3 +290,96 @@ def test_json_lone_surrogate_is_invalid(field: str) -> None:
     with pytest.raises(DecodeError) as caught:
         decode_raw_event(data, MAX)
     assert caught.value.reason in ("invalid_utf8", "invalid_field")
+
+
+# --- poison a foreign producer can send (issue 10, finding 1) ---------------------------
+# Each of these escaped decode_raw_event as a TypeError, RecursionError or ValueError, which
+# crashed the ingest agent and let Faust ack the whole micro-batch without an outcome.
+
+def _nested(depth: int, where: str = "content") -> bytes:
+    return (f'{{"{where}": ' + "[" * depth + "]" * depth + "}").encode()
+
+
+def test_a_tombstone_is_a_decode_error_of_its_own() -> None:
+    with pytest.raises(DecodeError) as caught:
+        decode_raw_event(None, MAX)
+    assert caught.value.reason == "tombstone"
+    assert "null" in caught.value.detail
+
+
+@pytest.mark.parametrize("where", ["content", "attributes", "colour"])
+@pytest.mark.parametrize("depth", [3000, 100_000])
+def test_json_nested_past_the_parser_limit_is_invalid_json(depth: int, where: str) -> None:
+    with pytest.raises(DecodeError) as caught:
+        decode_raw_event(_nested(depth, where), 10 * MAX)
+    assert caught.value.reason == "invalid_json"
+    assert "nested" in caught.value.detail
+
+
+def test_json_nested_just_under_the_parser_limit_is_an_invalid_field() -> None:
+    """Deep but parseable: the message must still come out short (no deep repr)."""
+    with pytest.raises(DecodeError) as caught:
+        decode_raw_event(_nested(900), MAX)
+    assert caught.value.reason == "invalid_field"
+    assert len(str(caught.value)) < 300
+
+
+@pytest.mark.parametrize(("field", "reason"), [
+    ("timestamp", "invalid_field"), ("content", "invalid_field"), ("id", "invalid_field"),
+    ("colour", "invalid_field")])
+@pytest.mark.parametrize("digits", [4301, 5000, 100_000])
+def test_json_integer_past_pythons_digit_limit_is_an_invalid_field(
+        field: str, reason: str, digits: int) -> None:
+    data = b'{"content": "Some text.", "' + field.encode() + b'": ' + b"9" * digits + b"}"
+    if field == "content":
+        data = b'{"content": ' + b"9" * digits + b"}"
+    with pytest.raises(DecodeError) as caught:
+        decode_raw_event(data, 10 * MAX)
+    assert caught.value.reason == reason
+    assert field in caught.value.detail
+    assert len(caught.value.detail) < 300
+
+
+def test_a_json_array_is_invalid_json_that_says_so() -> None:
+    with pytest.raises(DecodeError) as caught:
+        decode_raw_event(b'[{"content": "one"}, {"content": "two"}]', MAX)
+    assert caught.value.reason == "invalid_json"
+    assert "array" in caught.value.detail
+
+
+@pytest.mark.parametrize("data", [
+    b'{"content": "x", "timestamp": 1e999}', b'{"content": NaN}', b'{"content": -Infinity}',
+    b'{"content": "x", "attributes": {"k": 1e400}}'])
+def test_non_finite_json_numbers_are_invalid_fields(data: bytes) -> None:
+    with pytest.raises(DecodeError) as caught:
+        decode_raw_event(data, MAX)
+    assert caught.value.reason == "invalid_field"
+
+
+_JSON_ATOMS = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(10**30), max_value=10**30),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20))
+_JSON = st.recursive(_JSON_ATOMS, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+    max_leaves=12)
+_FIELDS = st.sampled_from(["id", "source", "kind", "language", "label", "content",
+                           "timestamp", "attributes", "extra"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=200),
+                 st.dictionaries(_FIELDS, _JSON, max_size=8).map(
+                     lambda d: json.dumps(d).encode()),
+                 # a valid event cut anywhere, one random byte appended
+                 st.builds(lambda good, cut, flip: bytearray(good[:cut]) + bytes([flip]),
+                           st.just(_good_raw_event()), st.integers(0, 120),
+                           st.integers(0, 255)).map(bytes)))
+def test_decode_raw_event_raises_nothing_but_decode_error(data: bytes) -> None:
+    """Whatever the bytes, a RawEvent or a DecodeError with a reason and a detail."""
+    try:
+        event = decode_raw_event(data, MAX)
+    except DecodeError as exc:
+        assert exc.reason and exc.detail
+    else:
+        assert isinstance(event["content"], str) and event["content"].strip()
+        encode("RawEvent", event)

@@ -1,0 +1,295 @@
+"""Soak: one ``sluice worker`` at about 80 % of its own measured capacity for half an hour,
+with the memory of every process printed each minute; then the accounting.
+
+``python -m bench.soak [--quick] [--minutes N] [--load 0.8]`` (30 minutes by default,
+``--quick`` 3).
+
+A private embedded Kafka + Redis (the project's stack code, Redis append-only as
+``sluice up`` runs it), four partitions, one worker (agents ingest, dedup, balance) and the
+product's own producer. The events are real functions of the standard library with planted
+copies (``bench.churn.make_stream``: the same kind of events throughout).
+
+1. Capacity, measured first in the same run: a burst of events produced at once to the
+   warmed-up worker; capacity = events / seconds from the first sent to the last outcome.
+2. The soak: events at ``--load`` × that capacity, at a steady rate, for ``--minutes``.
+   Every minute one row: events produced and decided, the backlog, the RSS of the worker
+   (with any children), of Kafka and of Redis (``/proc``), Redis' ``used_memory`` and
+   ``used_memory_rss`` (``INFO memory``) and the vector set's size.
+3. The summary: memory after the warm-up (the row at minute ``max(1, minutes // 6)``)
+   against the last row, per process; flat within 10 % is the goal. Redis holds the
+   indexes, which grow with every admitted sample by design (no retention horizon yet), so
+   its growth is also shown per new index member. Then the accounting of
+   ``bench.churn``: produced / outcomes / double admissions / lost.
+
+Bounded in time: start-up, the capacity burst (at most 5 minutes), the minutes, then at
+most ``--drain-s`` for the backlog. Every process it starts is stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.churn import (
+    Ledger,
+    SteadyProducer,
+    Worker,
+    account,
+    crew,
+    drain,
+    index_members,
+    isolated,
+    make_stream,
+    real_functions,
+    report,
+    wait_buffered,
+    wait_for_group,
+)
+from bench.common import console, private_stack, show, write_result
+
+MIB = 2**20
+MAX_RATE = 20.0  # events/s the corpus is sized for (one CPU worker decides ~5-10)
+FLAT = 0.10  # the goal: memory after warm-up within 10 % of the end
+
+
+def rss_bytes(pid: int | None, with_children: bool = False) -> int:
+    """Resident memory of ``pid`` (and of its descendants), from /proc; 0 when gone."""
+    if pid is None:
+        return 0
+    pids = [pid]
+    if with_children:
+        children: dict[int, list[int]] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        frontier = [pid]
+        while frontier:
+            kids = children.get(frontier.pop(), [])
+            pids += kids
+            frontier += kids
+    total = 0
+    for one in pids:
+        try:
+            for line in Path(f"/proc/{one}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+def redis_memory(settings: Any) -> dict[str, int]:
+    """``used_memory`` and ``used_memory_rss`` of the stack's Redis (INFO memory)."""
+    from streams.connections import redis_client
+
+    client = redis_client(settings.redis)
+    try:
+        info = client.info("memory")
+        return {"used": int(info["used_memory"]), "rss": int(info["used_memory_rss"])}
+    finally:
+        client.close()
+
+
+def vset_size(settings: Any) -> int:
+    from agents.keys import vset_key
+    from streams.connections import redis_client
+
+    client = redis_client(settings.redis)
+    try:
+        return int(client.execute_command("VCARD", vset_key(settings.redis.namespace)) or 0)
+    finally:
+        client.close()
+
+
+def corpus(minutes: int, burst: int) -> list[tuple[str, str]]:
+    """Enough real functions for the warm-up, the burst and the soak at up to
+    ``MAX_RATE``, shuffled once, so the burst and every minute of the soak draw the same
+    kind of events (the standard library first, then site-packages, when read in order)."""
+    pool = real_functions(int(MAX_RATE * 60 * minutes * 0.9) + burst + 100)
+    random.Random(0).shuffle(pool)
+    return pool
+
+
+def measure_capacity(settings: Any, worker: Worker, ledger: Ledger, burst: int,
+                     pool: list[tuple[str, str]]
+                     ) -> tuple[float, list[str], list[set[str]], float]:
+    """Warm the worker up, then produce ``burst`` events at once; (events/s, every id
+    produced, the burst's groups of copies, seconds from the first sent to the last
+    outcome). Corpus positions 0-9 warm up, the burst starts at 10."""
+    warm = make_stream(6, "warm", pool=pool).events
+    _send_all(settings, warm)
+    _wait_outcomes(ledger, [e["id"] for e in warm], worker, 300.0)
+    stream = make_stream(burst, "capacity", skip=10, pool=pool)
+    began = time.monotonic()
+    _send_all(settings, stream.events)
+    _wait_outcomes(ledger, [e["id"] for e in stream.events], worker, 300.0)
+    seconds = time.monotonic() - began
+    ids = [e["id"] for e in warm + stream.events]
+    return len(stream.events) / seconds, ids, stream.groups, seconds
+
+
+def _send_all(settings: Any, events: list[dict[str, Any]]) -> None:
+    from streams.producer import EventProducer
+
+    with EventProducer(settings.kafka, settings.topics, settings.produce) as producer:
+        for event in events:
+            producer.send(event)  # type: ignore[arg-type]
+
+
+def _wait_outcomes(ledger: Ledger, ids: list[str], worker: Worker, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    wanted = set(ids)
+    while not wanted <= set(ledger.decisions):
+        if time.monotonic() > deadline or not worker.alive:
+            raise RuntimeError(f"{len(wanted - set(ledger.decisions))} of {len(wanted)} "
+                               f"events without an outcome; see {worker.log}")
+        ledger.poll(500)
+
+
+def sample(minute: float, settings: Any, stack: Any, worker: Worker, producer: SteadyProducer,
+           ledger: Ledger, decided_before: int) -> dict[str, Any]:
+    """One row of the memory curve (``decided_before``: outcomes before the soak began)."""
+    redis = redis_memory(settings)
+    decided = len(ledger.decisions) - decided_before
+    return {"minute": round(minute, 1), "produced": len(producer.sent), "decided": decided,
+            "backlog": len(producer.sent) - decided,
+            "worker_rss": rss_bytes(worker.pid, with_children=True),
+            "kafka_rss": rss_bytes(stack.kafka.pid()), "redis_rss": rss_bytes(stack.redis.pid()),
+            "redis_used": redis["used"], "redis_used_rss": redis["rss"],
+            "vset": vset_size(settings)}
+
+
+COLUMNS = ["min", "produced", "decided", "backlog", "worker RSS MiB", "Kafka RSS MiB",
+           "Redis RSS MiB", "Redis used MiB", "vector set"]
+
+
+def _row(r: dict[str, Any]) -> list[Any]:
+    return [r["minute"], r["produced"], r["decided"], r["backlog"],
+            f"{r['worker_rss'] / MIB:.0f}", f"{r['kafka_rss'] / MIB:.0f}",
+            f"{r['redis_rss'] / MIB:.1f}", f"{r['redis_used'] / MIB:.1f}", r["vset"]]
+
+
+def summary(rows: list[dict[str, Any]], warmup_minute: int) -> list[dict[str, Any]]:
+    """Per process: memory at the end of the warm-up against the end; flat or not."""
+    warm = next((r for r in rows if r["minute"] >= warmup_minute), rows[0])
+    end = rows[-1]
+    out = []
+    for key, what in (("worker_rss", "worker RSS"), ("kafka_rss", "Kafka RSS"),
+                      ("redis_rss", "Redis RSS"), ("redis_used", "Redis used_memory")):
+        change = (end[key] - warm[key]) / warm[key] if warm[key] else float("nan")
+        out.append({"what": what, "after_warmup_mib": warm[key] / MIB,
+                    "end_mib": end[key] / MIB, "change": change,
+                    "flat": abs(change) <= FLAT})
+    grown = end["vset"] - warm["vset"]
+    if grown > 0:
+        out.append({"what": "Redis used_memory per new index member (bytes)",
+                    "per_member": (end["redis_used"] - warm["redis_used"]) / grown})
+    return out
+
+
+def run(minutes: int, load: float, burst: int, drain_s: float, quick: bool) -> dict[str, Any]:
+    """Capacity, then the soak at ``load`` × capacity, then the accounting."""
+    from sluice.stack import Stack
+
+    rows: list[dict[str, Any]] = []
+    pool = corpus(minutes, burst)
+    with tempfile.TemporaryDirectory(prefix="sluice-soak-") as tmp, \
+            private_stack(Path(tmp) / "stack") as base, crew(base, Path(tmp)) as workers:
+        stack = Stack(base)
+        settings = isolated(base, partitions=4)
+        worker = Worker("worker0", settings, Path(tmp)).start()
+        workers.append(worker)
+        wait_for_group(settings, 1, workers)
+        ledger = Ledger(settings)
+        capacity, earlier, groups, burst_s = measure_capacity(settings, worker, ledger, burst,
+                                                              pool)
+        burst_n = len(earlier) - 6
+        rate = load * capacity
+        stream = make_stream(int(rate * 60 * minutes * 1.1) + 50, "soak", skip=burst + 20,
+                             pool=pool)
+        if len(stream.events) < rate * 60 * minutes:
+            console.print(f"[yellow]the corpus holds {len(stream.events)} events: the soak "
+                          "ends early at this rate (raise MAX_RATE)[/yellow]")
+        console.print(f"capacity of one worker: {capacity:.2f} events/s ({burst_n} events in "
+                      f"{burst_s:.1f} s); soaking at {rate:.2f} events/s ({load:.0%}) for "
+                      f"{minutes} min ({len(stream.events)} events ready)")
+        producer = SteadyProducer(settings, stream.events, rate)
+        decided_before = len(ledger.decisions)
+        began = time.monotonic()
+        producer.start()
+        try:
+            rows.append(sample(0, settings, stack, worker, producer, ledger, decided_before))
+            console.print("  " + " | ".join(COLUMNS))
+            console.print("  " + " | ".join(map(str, _row(rows[-1]))))
+            for minute in range(1, minutes + 1):
+                while time.monotonic() < began + 60 * minute:
+                    ledger.poll(1000)
+                rows.append(sample(minute, settings, stack, worker, producer, ledger,
+                                   decided_before))
+                console.print("  " + " | ".join(map(str, _row(rows[-1]))))
+                if not worker.alive:
+                    console.print(f"[red]the worker exited ({worker.log})[/red]")
+                    break
+        finally:
+            produced = producer.stop()
+        if producer.error is not None:
+            console.print(f"[red]producer failed: {producer.error!r}[/red]")
+        drained_s = drain(ledger, produced, drain_s)
+        samples = {i for i, d in ledger.decisions.items() if ("kept", None, None) in d}
+        in_buffers = wait_buffered(settings, samples)
+        ledger.drain()
+        # Accounted over every event this worker saw: warm-up, capacity burst and soak.
+        figures = account(ledger, earlier + produced, groups + stream.groups,
+                          index_members(settings), in_buffers, settings.dedup.threshold)
+        ledger.close()
+        show(f"soak: one worker at {rate:.2f} events/s ({load:.0%} of {capacity:.2f}), "
+             f"memory every minute", COLUMNS, [_row(r) for r in rows])
+        warmup_minute = max(1, minutes // 6)
+        flat = summary(rows, warmup_minute)
+        show(f"memory after the warm-up (minute {warmup_minute}) vs the end "
+             f"(minute {rows[-1]['minute']}); goal: within {FLAT:.0%}",
+             ["process", "after warm-up MiB", "end MiB", "change", "flat"],
+             [[f["what"], f["after_warmup_mib"], f["end_mib"], f"{f['change']:+.1%}",
+               "yes" if f["flat"] else "NO"] for f in flat if "change" in f])
+        for f in flat:
+            if "per_member" in f:
+                console.print(f"{f['what']}: {f['per_member']:,.0f}")
+        problems = report(f"soak accounting (drained {drained_s:.0f} s after the last event)",
+                          figures, workers)
+    payload = {"minutes": minutes, "load": load, "capacity_events_per_s": capacity,
+               "capacity_burst": {"events": burst_n, "seconds": burst_s}, "rate": rate,
+               "rows": rows, "memory": flat, "drain_s": drained_s, "figures": figures,
+               "failures": problems}
+    write_result("soak", quick, payload)
+    return payload
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="3 minutes")
+    parser.add_argument("--minutes", type=int, default=None, help="default 30 (quick: 3)")
+    parser.add_argument("--load", type=float, default=0.8, help="share of measured capacity")
+    parser.add_argument("--burst", type=int, default=None,
+                        help="events of the capacity burst (default 300, quick 100)")
+    parser.add_argument("--drain-s", type=float, default=300.0,
+                        help="most seconds to wait for the backlog after the last event")
+    args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C: the worker and the stack are stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    minutes = args.minutes or (3 if args.quick else 30)
+    burst = args.burst or (100 if args.quick else 300)
+    result = run(minutes, args.load, burst, args.drain_s, args.quick)
+    return 1 if result["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
