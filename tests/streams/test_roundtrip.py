@@ -47,9 +47,10 @@ def sample_records() -> dict[str, list[dict[str, Any]]]:
     ]
     candidates: list[dict[str, Any]] = [
         {**raw[0], "digest": _digest(CODE), "quality_score": 0.93, "ingested_at": T0 + 40,
-         "raw_partition": 3, "raw_offset": 123_456_789_012},
+         "raw_partition": 3, "raw_offset": 123_456_789_012, "earlier_digest": None},
         {**raw[1], "label": "unlabeled", "digest": _digest(TEXT), "quality_score": 1.0,
-         "ingested_at": T0 + 41, "raw_partition": -1, "raw_offset": -1},
+         "ingested_at": T0 + 41, "raw_partition": -1, "raw_offset": -1,
+         "earlier_digest": _digest(CODE)},
     ]
     samples: list[dict[str, Any]] = [
         {**candidates[0], "embedding": _embedding(1), "embedding_dim": 384,
