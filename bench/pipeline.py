@@ -207,7 +207,7 @@ def outcomes_written(settings: Any) -> int:
 def with_workers(settings: Any, events: list[dict[str, Any]], count: int, folder: Path,
                  timeout_s: float = 900.0) -> dict[str, Any]:
     """End-to-end events/s through ``count`` real ``sluice worker`` processes."""
-    from sluice.stack import free_port
+    from sluice.ports import free_port
 
     procs = []
     warmup = [{**events[0], "id": f"warmup-{n}", "content": events[0]["content"] + f"\n# {n}"}

@@ -6,8 +6,10 @@ with the memory of every process printed each minute; then the accounting.
 
 A private embedded Kafka + Redis (the project's stack code, Redis append-only as
 ``sluice up`` runs it), four partitions, one worker (agents ingest, dedup, balance) and the
-product's own producer. The events are real functions of the standard library with planted
-copies (``bench.churn.make_stream``: the same kind of events throughout).
+product's own producer. The events are real functions of the standard library (then of
+site-packages, for long runs) with planted copies (``bench.churn.make_stream``), drawn from
+one pool shuffled once, so the capacity burst and every minute of the soak get the same
+kind of events.
 
 1. Capacity, measured first in the same run: a burst of events produced at once to the
    warmed-up worker; capacity = events / seconds from the first sent to the last outcome.
@@ -21,8 +23,10 @@ copies (``bench.churn.make_stream``: the same kind of events throughout).
    its growth is also shown per new index member. Then the accounting of
    ``bench.churn``: produced / outcomes / double admissions / lost.
 
-Bounded in time: start-up, the capacity burst (at most 5 minutes), the minutes, then at
-most ``--drain-s`` for the backlog. Every process it starts is stopped.
+``reuse_cap`` is 1 and the policy ``natural`` (``bench.churn.isolated``), so a sample in
+two batches is a fault. Bounded in time: start-up, the capacity burst (at most 10
+minutes), the minutes, then at most ``--drain-s`` for the backlog. Every process it starts
+is stopped.
 """
 
 from __future__ import annotations

@@ -197,7 +197,7 @@ def worker(ctx: click.Context, stages: str, loglevel: str, web_port: int | None)
         settings = settings.model_copy(update={
             "metrics": settings.metrics.model_copy(update={"worker_web_port": web_port})})
     chosen = [s.strip() for s in stages.split(",") if s.strip()]
-    from sluice.stack import port_is_free
+    from sluice.ports import port_is_free
 
     if not port_is_free(settings.metrics.worker_web_port):
         raise SluiceError(f"port {settings.metrics.worker_web_port} for the worker's web server "

@@ -125,7 +125,7 @@ def run_demo(settings: Settings, paths: list[Path], limit: int | None, idle_s: f
         with console.status("starting the embedded Kafka and Redis"):
             Stack(settings).up()
     logs = settings.state_dir / "logs"
-    from sluice.stack import free_port, port_is_free
+    from sluice.ports import free_port, port_is_free
 
     web_port = settings.metrics.worker_web_port
     if not port_is_free(web_port):

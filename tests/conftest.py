@@ -19,8 +19,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import redis
 
+from sluice.ports import free_port
 from sluice.settings import Settings, load_settings
-from sluice.stack import Stack, free_port
+from sluice.stack import Stack
 from streams.connections import redis_client
 
 

@@ -41,8 +41,9 @@ from agents.buffers import ClassBuffers
 from agents.keys import vset_key
 from schemas.embedding import decode_embedding
 from schemas.records import RawEvent
+from sluice.ports import free_port
 from sluice.settings import Settings, settings_env
-from sluice.stack import Stack, free_port
+from sluice.stack import Stack
 from streams.config import TOPIC_RECORDS
 from streams.connections import kafka_client_options
 from streams.producer import EventProducer

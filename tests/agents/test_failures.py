@@ -36,8 +36,9 @@ from agents.normalize import content_digest, normalize
 from agents.pipeline import Pipeline, build_pipeline
 from agents.runner import Runner
 from agents.step import Coords, Item, Outcome, Step, bounded_id, rejection, systemic
+from sluice.ports import free_port
+from sluice.processes import RedisProcess
 from sluice.settings import Settings
-from sluice.stack import RedisProcess, free_port
 from streams.connections import kafka_client_options, redis_client
 from streams.metrics import RETRIES, STALLED_S, StageMetrics
 from streams.serde import encode

@@ -19,8 +19,9 @@ import redis
 
 from agents.buffers import ClassBuffers
 from agents.keys import vset_key
+from sluice.ports import free_port
 from sluice.settings import Settings
-from sluice.stack import Stack, free_port
+from sluice.stack import Stack
 from streams.connections import redis_client
 from streams.producer import EventProducer
 from streams.serde import encode

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from sluice.ports import free_port
 from sluice.settings import Settings
-from sluice.stack import free_port
 from tests.agents.pipeline_util import (
     REPO_ROOT,
     _sluice_command,

@@ -27,8 +27,8 @@ import pytest
 
 from sluice.dashboard import BackgroundDashboard, DashboardError
 from sluice.metrics_feed import MetricsFeed
+from sluice.ports import free_port
 from sluice.settings import Settings, load_settings
-from sluice.stack import free_port
 from tests.sluice.headless import chromium_binary, open_page
 from tests.sluice.metrics_data import EXPECTED, history, publish, scenario, snap, with_metrics_topic
 from tests.streams.kafka_io import create_topic

@@ -23,8 +23,8 @@ from sluice.metrics_view import (
     shares,
     totals,
 )
+from sluice.ports import free_port
 from sluice.settings import Settings, load_settings
-from sluice.stack import free_port
 from streams.connections import kafka_client_options
 from tests.sluice.metrics_data import EXPECTED, publish, scenario, snap, with_metrics_topic
 from tests.streams.kafka_io import create_topic

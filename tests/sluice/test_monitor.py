@@ -13,8 +13,8 @@ from rich.console import Console
 from sluice.metrics_feed import MetricsStore
 from sluice.metrics_view import View
 from sluice.monitor import monitor, render
+from sluice.ports import free_port
 from sluice.settings import Settings, load_settings
-from sluice.stack import free_port
 from tests.sluice.metrics_data import publish, scenario, with_metrics_topic
 from tests.streams.kafka_io import create_topic
 

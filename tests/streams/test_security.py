@@ -28,8 +28,9 @@ from kafka.errors import KafkaError
 from schemas.errors import SluiceError
 from sluice.config import SecuredListener, StackSettings
 from sluice.errors import SettingsError
+from sluice.ports import free_port
 from sluice.settings import Settings, load_settings
-from sluice.stack import Stack, free_port
+from sluice.stack import Stack
 from streams.app import _credentials
 from streams.config import KafkaSettings
 from streams.connections import kafka_client_options, redis_client
