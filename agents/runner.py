@@ -33,8 +33,9 @@ from typing import Any, TypeVar
 import faust
 from aiokafka.errors import MessageSizeTooLargeError
 
-from agents.step import Coords, Item, Outcome, error_rejection, isolate, systemic
+from agents.step import Coords, Item, Outcome, error_rejection, isolate, rejection, systemic
 from schemas.errors import SluiceError
+from streams.app import Undecodable
 from streams.metrics import RETRIES, STALLED_S, StageMetrics
 from streams.serde import EncodeError
 
@@ -55,6 +56,25 @@ def item_of(event: faust.EventT) -> Item:
     message = event.message
     return Item(event.value, Coords(message.topic, message.partition, message.offset),
                 event.key)
+
+
+def decode_problem(stage: str, item: Item) -> Outcome | None:
+    """The rejection of a message of a sluice topic that is no record of its type (a
+    tombstone, or bytes the codec handed on as ``Undecodable``); ``None`` for a record.
+    Kafka Streams' deserialization handler: the bad record gets an outcome, the rest goes on.
+    """
+    record = item.record
+    if record is None:
+        reason, detail, raw = "tombstone", "a null value (tombstone)", None
+    elif isinstance(record, Undecodable):
+        reason, detail, raw = record.reason, record.detail, record.raw
+    else:
+        return None
+    coords = item.coords
+    log.warning("%s: invalid:%s at %s[%d]@%d: %s", stage, reason, coords.topic,
+                coords.partition, coords.offset, detail)
+    key = item.key.decode("utf-8", errors="replace") if item.key else None
+    return rejection(stage, f"invalid:{reason}", coords, event_id=key, detail=detail, raw=raw)
 
 
 def hold(events: Iterable[faust.EventT]) -> None:
@@ -129,7 +149,11 @@ class Runner:
         def failed(item: Item, exc: Exception) -> Outcome:
             return error_rejection(stage, f"{stage} pipeline", item, exc)
 
-        return await self(lambda batch: isolate(run, batch, failed), items)
+        bad = [decode_problem(stage, item) for item in items]
+        good = [item for item, problem in zip(items, bad, strict=True) if problem is None]
+        decided = iter(await self(lambda batch: isolate(run, batch, failed), good)
+                       if good else [])
+        return [problem or next(decided) for problem in bad]
 
 
 class _Backoff:

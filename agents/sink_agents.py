@@ -19,8 +19,8 @@ from agents.buffers import ClassBuffers, buffers_for
 from agents.config import Curation
 from agents.feedback import Feedback, LossStore
 from agents.policy import label_for
-from agents.runner import Runner, item_of
-from agents.step import Item, Step
+from agents.runner import Runner, decode_problem, item_of
+from agents.step import Item, Outcome, Step, error_rejection
 from schemas.records import CuratedBatch
 from streams.app import Topics
 from streams.metrics import (
@@ -35,6 +35,7 @@ from streams.metrics import (
     class_weight,
     dropped,
     evicted,
+    rejected,
     share_ema,
     share_target,
 )
@@ -79,7 +80,15 @@ def declare_balance(app: faust.App, topics: Topics, config: Curation, client: re
             item = item_of(stream.current_event)  # type: ignore[arg-type]
             metrics.count_in()
             key = str(item.coords.partition)
-            step, batches = await run(balance_one, (item, dict(table[key])))
+            problem = decode_problem("balance", item)
+            if problem is not None:
+                await _send_rejection(topics, metrics, problem)
+                continue
+            try:
+                step, batches = await run(balance_one, (item, dict(table[key])))
+            except Exception as exc:  # not the store (Runner waits that out): this record
+                await _reject(topics, metrics, "balance", item, exc)
+                continue
             if batches:
                 _exit_at("balance.before_send")
             table[key] = step.state  # reassigned: only assignment reaches the changelog
@@ -94,6 +103,20 @@ def declare_balance(app: faust.App, topics: Topics, config: Curation, client: re
                 # A batch whose send failed stays recorded: the next run re-sends it.
                 step.release()
             _step_counters(metrics, steps.values())
+
+
+async def _reject(topics: Topics, metrics: StageMetrics, stage: str, item: Item,
+                  exc: Exception) -> None:
+    """A record a sink step failed on becomes its ``error:<ExceptionClass>`` rejection on
+    ``sluice.rejected`` (Kafka Streams' processing handler): an outcome, and the agent goes
+    on with the next record instead of crash-looping on this one."""
+    await _send_rejection(topics, metrics, error_rejection(stage, f"{stage} step", item, exc))
+
+
+async def _send_rejection(topics: Topics, metrics: StageMetrics, outcome: Outcome) -> None:
+    await (await topics.rejected.send(key=outcome.record["id"].encode(), value=outcome.record))
+    metrics.counters[REJECTED] += 1
+    metrics.counters[rejected(str(outcome.reason))] += 1
 
 
 def _step_counters(metrics: StageMetrics, steps: Iterable[Step]) -> None:
@@ -149,7 +172,16 @@ def declare_feedback(app: faust.App, topics: Topics, config: Curation, client: r
     async def feedback(stream: faust.StreamT) -> None:
         async for _ in stream:
             metrics.count_in()
-            (outcome,) = await run(step.run, [item_of(stream.current_event)])  # type: ignore[arg-type]
+            item = item_of(stream.current_event)  # type: ignore[arg-type]
+            problem = decode_problem("feedback", item)
+            if problem is not None:
+                await _send_rejection(topics, metrics, problem)
+                continue
+            try:
+                (outcome,) = await run(step.run, [item])
+            except Exception as exc:  # not the store (Runner waits that out): this record
+                await _reject(topics, metrics, "feedback", item, exc)
+                continue
             if outcome.rejected:  # logged by the step with where it was read
                 metrics.counters[dropped(str(outcome.reason))] += 1
                 continue

@@ -20,8 +20,19 @@ from streams.config import TOPIC_RECORDS, KafkaSettings, TopicSettings
 from streams.connections import ssl_context
 
 
+@dataclass(frozen=True)
+class Undecodable:
+    """A message of a sluice topic that is not its record type. The codec hands it to the
+    agent instead of raising: Faust would ack a message whose value fails to decode and
+    then crash the agent, so the record would end with no outcome. The agent rejects it."""
+
+    reason: str
+    detail: str
+    raw: bytes
+
+
 class AvroCodec(codecs.Codec):
-    """Single-object Avro for one record type."""
+    """Single-object Avro for one record type; what does not decode is ``Undecodable``."""
 
     def __init__(self, record: str, **kwargs: Any) -> None:
         self.record = record
@@ -31,7 +42,10 @@ class AvroCodec(codecs.Codec):
         return serde.encode(self.record, obj)
 
     def _loads(self, s: bytes) -> Any:
-        return serde.decode(s, self.record)
+        try:
+            return serde.decode(s, self.record)
+        except serde.DecodeError as exc:
+            return Undecodable(exc.reason, exc.detail, bytes(s))
 
 
 def codec_name(record: str) -> str:

@@ -73,13 +73,15 @@ def encode(name: str, record: Any, version: int | None = None) -> bytes:
     return buf.getvalue()
 
 
-def decode(data: bytes, name: str) -> dict[str, Any]:
+def decode(data: bytes | None, name: str) -> dict[str, Any]:
     """Decode single-object Avro bytes into the latest version of record type ``name``.
 
-    Raises ``DecodeError`` with reason ``undecodable`` (not single-object Avro, truncated,
-    corrupt), ``unknown_schema`` (fingerprint not among known versions, or another record
-    type) or ``invalid_utf8``.
+    Raises ``DecodeError`` with reason ``tombstone`` (a null value), ``undecodable`` (not
+    single-object Avro, truncated, corrupt), ``unknown_schema`` (fingerprint not among known
+    versions, or another record type) or ``invalid_utf8``.
     """
+    if data is None:
+        raise DecodeError("tombstone", "a null value (tombstone)")
     if len(data) < HEADER_LEN or data[:2] != MAGIC:
         raise DecodeError("undecodable", "not Avro single-object encoding (no C3 01 marker)")
     fingerprint = data[2:HEADER_LEN]
