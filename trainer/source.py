@@ -21,6 +21,7 @@ import itertools
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
@@ -40,6 +41,9 @@ log = logging.getLogger("sluice.trainer.source")
 
 #: Upper bound on one fetch: the broker's ``message.max.bytes`` for batches is 8 MiB.
 _FETCH_BYTES = 16 * 1024 * 1024
+# Batch ids remembered to skip re-sent copies: the balance stage re-sends right after a
+# restart, so the last thousand batches of a rank are far more than a re-send reaches back.
+RECENT_BATCHES = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +126,10 @@ class KafkaBatchSource(IterableDataset[SourcedBatch]):
         self.max_poll_records = max_poll_records
         self.counters = SourceCounters()
         self._positions: dict[int, int] = {}
+        # batch id -> (partition, offset) of the last RECENT_BATCHES batches yielded: the
+        # balance stage re-sends a batch it could not confirm (same id), and a copy must
+        # not be trained twice.
+        self._recent: OrderedDict[str, tuple[int, int]] = OrderedDict()
         self._resume: dict[int, int] = {}
         self._highwater: dict[int, int] = {}
         self._pending_commit: dict[int, int] | None = None
@@ -130,10 +138,12 @@ class KafkaBatchSource(IterableDataset[SourcedBatch]):
 
     # -- resume state (the StatefulDataLoader protocol) ---------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """``{"topic", "offsets": {partition: next offset}}`` after the last batch yielded."""
+        """``{"topic", "offsets": {partition: next offset}, "recent": [[batch id,
+        partition, offset], …]}`` after the last batch yielded."""
         with self._lock:
             offsets = dict(self._positions) if self._positions else dict(self._resume)
-        return {"topic": self.topic, "offsets": offsets}
+            recent = [[b, p, o] for b, (p, o) in self._recent.items()]
+        return {"topic": self.topic, "offsets": offsets, "recent": recent}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from ``state_dict()`` output; offsets of another topic are ignored."""
@@ -142,6 +152,11 @@ class KafkaBatchSource(IterableDataset[SourcedBatch]):
             return
         with self._lock:
             self._resume = {int(p): int(o) for p, o in state.get("offsets", {}).items()}
+            # Only what lies before the resumed offsets was trained: a batch fetched past
+            # them (by the prefetch thread) comes again and must not count as a copy.
+            self._recent = OrderedDict(
+                (str(b), (int(p), int(o))) for b, p, o in state.get("recent", [])
+                if int(o) < self._resume.get(int(p), 0))
             self._positions = {}
 
     def commit(self, offsets: dict[int, int]) -> None:
@@ -163,6 +178,23 @@ class KafkaBatchSource(IterableDataset[SourcedBatch]):
             return sum(
                 max(0, hw - self._positions.get(p, hw)) for p, hw in self._highwater.items()
             )
+
+    def _seen_before(self, batch: CuratedBatch, message: Any) -> bool:
+        """True for a copy of a batch already yielded (counted ``dropped.resent``);
+        otherwise remember this one."""
+        batch_id = batch["batch_id"]
+        with self._lock:
+            if batch_id in self._recent:
+                first = self._recent[batch_id]
+                self.counters.dropped["resent"] = self.counters.dropped.get("resent", 0) + 1
+                log.info("batch %s at %s[%d]@%d was sent again (first at partition %d offset "
+                         "%d): skipped", batch_id, message.topic, message.partition,
+                         message.offset, *first)
+                return True
+            self._recent[batch_id] = (message.partition, message.offset)
+            while len(self._recent) > RECENT_BATCHES:
+                self._recent.popitem(last=False)
+        return False
 
     # -- iteration ---------------------------------------------------------------------
     def __iter__(self) -> Iterator[SourcedBatch]:
@@ -189,6 +221,8 @@ class KafkaBatchSource(IterableDataset[SourcedBatch]):
                     batch = self._decode(message)
                     with self._lock:
                         self._positions[message.partition] = message.offset + 1
+                    if batch is not None and self._seen_before(batch, message):
+                        continue
                     if batch is not None:
                         self.counters.batches += 1
                         yield SourcedBatch(
