@@ -253,6 +253,20 @@ class Worker:
 
 
 @contextlib.contextmanager
+def workdir(keep: Path | None, prefix: str) -> Iterator[str]:
+    """Where the stack's state and the workers' logs go: ``keep`` (left there afterwards,
+    to inspect a failure: restart the stack from it with ``sluice up``'s code) or a
+    temporary folder removed at the end."""
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        yield str(keep)
+        console.print(f"[dim]state and logs kept in {keep}[/dim]")
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
 def crew(settings: Any, folder: Path) -> Iterator[list[Worker]]:
     """A list to start workers into; every one of them is stopped at the end."""
     members: list[Worker] = []
@@ -589,13 +603,14 @@ def report(title: str, figures: dict[str, Any], workers: list[Worker]) -> list[s
 # -- the churn -------------------------------------------------------------------------------
 
 
-def run(minutes: int, rate: float, drain_s: float, quick: bool) -> dict[str, Any]:
+def run(minutes: int, rate: float, drain_s: float, quick: bool, keep: Path | None = None
+        ) -> dict[str, Any]:
     """Three workers; every minute (half-way through it) the oldest live one is killed and
     a new one started, while events arrive at ``rate``; then drain and account."""
     stream = make_stream(int(rate * 60 * minutes * 1.2) + 50, "churn")
     events = stream.events
     churn: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="sluice-churn-") as tmp, \
+    with workdir(keep, "sluice-churn-") as tmp, \
             private_stack(Path(tmp) / "stack") as base, \
             crew(base, Path(tmp)) as workers:
         settings = isolated(base, partitions=6)
@@ -652,11 +667,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=2.0, help="events per second")
     parser.add_argument("--drain-s", type=float, default=300.0,
                         help="most seconds to wait for the backlog after the last event")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="keep the stack's state and the logs in this folder")
     args = parser.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C: the workers and the stack are stopped on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     minutes = args.minutes or (2 if args.quick else 10)
-    result = run(minutes, args.rate, args.drain_s, args.quick)
+    result = run(minutes, args.rate, args.drain_s, args.quick, args.keep)
     return 1 if result["failures"] else 0
 
 

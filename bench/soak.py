@@ -35,7 +35,6 @@ import argparse
 import random
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -54,6 +53,7 @@ from bench.churn import (
     report,
     wait_buffered,
     wait_for_group,
+    workdir,
 )
 from bench.common import console, private_stack, show, write_result
 
@@ -200,13 +200,14 @@ def summary(rows: list[dict[str, Any]], warmup_minute: int) -> list[dict[str, An
     return out
 
 
-def run(minutes: int, load: float, burst: int, drain_s: float, quick: bool) -> dict[str, Any]:
+def run(minutes: int, load: float, burst: int, drain_s: float, quick: bool,
+        keep: Path | None = None) -> dict[str, Any]:
     """Capacity, then the soak at ``load`` × capacity, then the accounting."""
     from sluice.stack import Stack
 
     rows: list[dict[str, Any]] = []
     pool = corpus(minutes, burst)
-    with tempfile.TemporaryDirectory(prefix="sluice-soak-") as tmp, \
+    with workdir(keep, "sluice-soak-") as tmp, \
             private_stack(Path(tmp) / "stack") as base, crew(base, Path(tmp)) as workers:
         stack = Stack(base)
         settings = isolated(base, partitions=4)
@@ -286,12 +287,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="events of the capacity burst (default 300, quick 100)")
     parser.add_argument("--drain-s", type=float, default=300.0,
                         help="most seconds to wait for the backlog after the last event")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="keep the stack's state and the logs in this folder")
     args = parser.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C: the worker and the stack are stopped on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     minutes = args.minutes or (3 if args.quick else 30)
     burst = args.burst or (100 if args.quick else 300)
-    result = run(minutes, args.load, burst, args.drain_s, args.quick)
+    result = run(minutes, args.load, burst, args.drain_s, args.quick, args.keep)
     return 1 if result["failures"] else 0
 
 
