@@ -16,8 +16,10 @@ At the end, after the stream has drained, every outcome, batch and vector-set me
 read back and the run prints: events produced, outcomes (ids with one, and messages),
 double admissions (an id both admitted and rejected, a second member of a group of copies
 admitted, two samples within the dedup threshold of each other, a sample missing from the
-vector set), lost (ids without an outcome; samples the balance stage never buffered),
-samples in two batches (``reuse_cap`` is 1). Bounded in time: start-up, the minutes, then
+vector set), lost (an id without an outcome, or a sample the balance stage never
+buffered, whose stage has committed its offset past it: acked without an outcome; one whose
+stage has not got to it yet is counted apart as still in flight), samples in two batches
+(``reuse_cap`` is 1). Bounded in time: start-up, the minutes, then
 at most ``--drain-s`` for the stream to drain; every process it starts is stopped.
 
 This module also holds what ``bench.soak`` shares with it: the corpus, worker processes,
@@ -483,9 +485,84 @@ def wait_buffered(settings: Any, samples: set[str], timeout_s: float = 180.0,
     return have
 
 
+def committed_offsets(settings: Any) -> dict[tuple[str, int], int]:
+    """The workers' group's committed offset of every partition it consumes."""
+    from kafka.admin import KafkaAdminClient
+
+    from streams.connections import kafka_client_options
+
+    admin = KafkaAdminClient(**kafka_client_options(settings.kafka), request_timeout_ms=10000)
+    try:
+        found = admin.list_group_offsets(settings.app_id)
+    finally:
+        admin.close()
+    if settings.app_id in found:  # kafka-python 3 answers by group
+        found = found[settings.app_id]
+    return {(tp.topic, tp.partition): int(meta.offset) for tp, meta in found.items()}
+
+
+def positions(settings: Any, topic: str, ids: set[str]) -> dict[str, list[tuple[int, int]]]:
+    """Where (partition, offset) each of ``ids`` is on ``topic``, read by key to the end."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    from streams.connections import kafka_client_options
+
+    out: dict[str, list[tuple[int, int]]] = {}
+    if not ids:
+        return out
+    consumer = KafkaConsumer(**kafka_client_options(settings.kafka), group_id=None,
+                             enable_auto_commit=False)
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic)
+                                                        or ())]
+        consumer.assign(tps)
+        consumer.seek_to_beginning()
+        ends = consumer.end_offsets(tps)
+        while any(consumer.position(tp) < end for tp, end in ends.items()):
+            for records in consumer.poll(timeout_ms=1000).values():
+                for message in records:
+                    key = (message.key or b"").decode("utf-8", "replace")
+                    if key in ids:
+                        out.setdefault(key, []).append((message.partition, message.offset))
+    finally:
+        consumer.close()
+    return out
+
+
+def where_stuck(settings: Any, undecided: set[str], unbuffered: set[str]) -> dict[str, str]:
+    """Why each id without an outcome (or sample never buffered) is so: ``lost at <stage>``
+    when the stage's committed offset has passed its record (acked without an outcome), else
+    ``in flight`` (the stage has not got to it yet: the lag shows it)."""
+    committed = committed_offsets(settings)
+    t = settings.topics
+
+    def passed(topic: str, coords: list[tuple[int, int]]) -> bool:
+        return any(offset < committed.get((topic, p), 0) for p, offset in coords)
+
+    raw = positions(settings, t.raw, undecided)
+    candidates = positions(settings, t.candidates, undecided)
+    samples = positions(settings, t.samples, unbuffered)
+    out = {}
+    for event_id in undecided:
+        if candidates.get(event_id):
+            out[event_id] = ("lost at dedup" if passed(t.candidates, candidates[event_id])
+                             else "in flight")
+        else:
+            out[event_id] = ("lost at ingest" if passed(t.raw, raw.get(event_id, []))
+                             else "in flight")
+    for sample_id in unbuffered:
+        out[sample_id] = ("lost at balance" if passed(t.samples, samples.get(sample_id, []))
+                          else "in flight")
+    return out
+
+
 def account(ledger: Ledger, produced: list[str], groups: list[set[str]], index: set[str],
-            in_buffers: set[str], threshold: float) -> dict[str, Any]:
-    """Every figure of the accounting, and the ids behind each failure."""
+            in_buffers: set[str], threshold: float, where: dict[str, str] | None = None
+            ) -> dict[str, Any]:
+    """Every figure of the accounting, and the ids behind each failure. ``where``
+    (``where_stuck``) tells lost from still in flight; without it every id without an
+    outcome counts as lost."""
+    where = where or {}
     decided = ledger.decisions
     samples = {i for i, d in decided.items() if ("kept", None, None) in d}
     changed = {i: sorted(map(str, d)) for i, d in decided.items() if len(d) > 1}
@@ -495,7 +572,12 @@ def account(ledger: Ledger, produced: list[str], groups: list[set[str]], index: 
     for batch_id, copies in ledger.batches.items():
         for sample_id in copies[0][1]:
             uses.setdefault(sample_id, set()).add(batch_id)
-    lost = sorted(set(produced) - set(decided))
+    undecided = set(produced) - set(decided)
+    in_flight = sorted(i for i in undecided if where.get(i) == "in flight")
+    lost = sorted(undecided - set(in_flight))
+    unbuffered = samples - in_buffers
+    unbuffered_in_flight = sorted(i for i in unbuffered if where.get(i) == "in flight")
+    unbuffered_lost = sorted(unbuffered - set(unbuffered_in_flight))
     changed_kept = sorted(i for i, d in decided.items()
                           if len(d) > 1 and ("kept", None, None) in d)
     return {
@@ -508,7 +590,9 @@ def account(ledger: Ledger, produced: list[str], groups: list[set[str]], index: 
         "double_admissions": len(changed_kept) + sum(len(g) - 1 for g in doubled_groups)
         + len(close),
         "lost": len(lost),
-        "lost_ids": lost[:50],
+        "lost_ids": {i: where.get(i, "no outcome") for i in lost[:50]},
+        "in_flight": len(in_flight),
+        "in_flight_ids": in_flight[:20],
         "changed": dict(list(changed.items())[:50]),
         "groups_doubled": doubled_groups[:50],
         "close_pairs": close[:50],
@@ -522,8 +606,9 @@ def account(ledger: Ledger, produced: list[str], groups: list[set[str]], index: 
                                   if len({d for d, _ in c}) > 1)[:50],
         "in_two_batches": {i: sorted(b) for i, b in uses.items() if len(b) > 1},
         "phantom": sorted(set(uses) - samples)[:50],
-        "unbuffered": sorted(samples - in_buffers)[:50],
-        "unbuffered_n": len(samples - in_buffers),
+        "unbuffered": {i: where.get(i, "never buffered") for i in unbuffered_lost[:50]},
+        "unbuffered_n": len(unbuffered_lost),
+        "unbuffered_in_flight": len(unbuffered_in_flight),
         "unexpected": sorted(set(decided) - set(produced))[:50],
     }
 
@@ -563,7 +648,7 @@ def failures(figures: dict[str, Any]) -> list[str]:
               ("batch ids re-sent with other content", figures["batches_changed"],
                len(figures["batches_changed"])),
               ("batch samples that are no sample", figures["phantom"], len(figures["phantom"])),
-              ("samples never buffered by balance", figures["unbuffered"],
+              ("samples never buffered by balance (committed past)", figures["unbuffered"],
                figures["unbuffered_n"]),
               ("outcomes for ids never produced", figures["unexpected"],
                len(figures["unexpected"]))]
@@ -579,8 +664,11 @@ def report(title: str, figures: dict[str, Any], workers: list[Worker]) -> list[s
          f"{figures['outcome_messages']} ({figures['resent_ids']})"],
         ["samples / rejected", f"{figures['samples']} / {figures['rejected']}"],
         ["double admissions", figures["double_admissions"]],
-        ["lost (no outcome)", figures["lost"]],
-        ["samples never buffered by balance", figures["unbuffered_n"]],
+        ["lost (no outcome, its stage's offset committed past it)", figures["lost"]],
+        ["still in flight (the drain ended first; the lag holds them)",
+         f"{figures['in_flight']} (+{figures['unbuffered_in_flight']} samples not yet "
+         "buffered)"],
+        ["samples lost by balance (committed, never buffered)", figures["unbuffered_n"]],
         ["vector set: members (missing samples, extra)",
          f"{figures['vset']} ({figures['vset_missing_n']}, {figures['vset_extra_n']})"],
         ["batches (samples in two batches)",
@@ -589,6 +677,12 @@ def report(title: str, figures: dict[str, Any], workers: list[Worker]) -> list[s
     problems = failures(figures)
     for line in problems:
         console.print(f"[red]FAIL[/red] {line}")
+    if figures["in_flight"] or figures["unbuffered_in_flight"]:
+        console.print(f"[yellow]not finished when the drain ended: {figures['in_flight']} "
+                      f"events and {figures['unbuffered_in_flight']} samples still in flight "
+                      f"(their stage has not committed past them; e.g. "
+                      f"{figures['in_flight_ids'][:5]}): the accounting is incomplete, "
+                      "not failed[/yellow]")
     if problems:
         for worker in workers:
             notable = worker.notable()
@@ -648,8 +742,10 @@ def run(minutes: int, rate: float, drain_s: float, quick: bool, keep: Path | Non
         samples = {i for i, d in ledger.decisions.items() if ("kept", None, None) in d}
         in_buffers = wait_buffered(settings, samples)
         ledger.drain()
+        where = where_stuck(settings, set(produced) - set(ledger.decisions),
+                            samples - in_buffers)
         figures = account(ledger, produced, stream.groups, index_members(settings), in_buffers,
-                          settings.dedup.threshold)
+                          settings.dedup.threshold, where)
         ledger.close()
         title = (f"rebalance churn: {minutes} min, {rate:g} events/s, 3 workers, "
                  f"{len(churn)} kills + starts; drained {drained_s:.0f} s after the last event")

@@ -53,6 +53,7 @@ from bench.churn import (
     report,
     wait_buffered,
     wait_for_group,
+    where_stuck,
     workdir,
 )
 from bench.common import console, private_stack, show, write_result
@@ -253,8 +254,11 @@ def run(minutes: int, load: float, burst: int, drain_s: float, quick: bool,
         in_buffers = wait_buffered(settings, samples)
         ledger.drain()
         # Accounted over every event this worker saw: warm-up, capacity burst and soak.
-        figures = account(ledger, earlier + produced, groups + stream.groups,
-                          index_members(settings), in_buffers, settings.dedup.threshold)
+        everything = earlier + produced
+        where = where_stuck(settings, set(everything) - set(ledger.decisions),
+                            samples - in_buffers)
+        figures = account(ledger, everything, groups + stream.groups, index_members(settings),
+                          in_buffers, settings.dedup.threshold, where)
         ledger.close()
         show(f"soak: one worker at {rate:.2f} events/s ({load:.0%} of {capacity:.2f}), "
              f"memory every minute", COLUMNS, [_row(r) for r in rows])
