@@ -13,14 +13,15 @@ live worker gets SIGKILL (no goodbye: its partitions wait out the session timeou
 new one is started (it loads the model, joins, and takes partitions: another rebalance).
 
 At the end, after the stream has drained, every outcome, batch and vector-set member is
-read back and the run prints: events produced, outcomes (ids with one, and messages),
-double admissions (an id both admitted and rejected, a second member of a group of copies
-admitted, two samples within the dedup threshold of each other, a sample missing from the
-vector set), lost (an id without an outcome, or a sample the balance stage never
-buffered, whose stage has committed its offset past it: acked without an outcome; one whose
-stage has not got to it yet is counted apart as still in flight), samples in two batches
-(``reuse_cap`` is 1). Bounded in time: start-up, the minutes, then
+read back and the run prints: events produced; outcomes (ids with one, and messages);
+double admissions (an id both admitted and rejected, an original and its exact or
+whitespace copy both admitted, two samples within the dedup threshold of each other);
+the vector set against the samples; lost (an id without an outcome, or a sample the
+balance stage never buffered, whose stage has committed its offset past it: acked without
+an outcome; one whose stage has not got to it yet is counted apart as still in flight);
+samples in two batches (``reuse_cap`` is 1). Bounded in time: start-up, the minutes, then
 at most ``--drain-s`` for the stream to drain; every process it starts is stopped.
+``--keep DIR`` leaves the stack's state and the logs there, to inspect a failure.
 
 This module also holds what ``bench.soak`` shares with it: the corpus, worker processes,
 the steady producer, the outcome ledger and the accounting.
@@ -57,6 +58,13 @@ AGENTS = "ingest,dedup,balance"
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 SITE = Path(sysconfig.get_paths()["purelib"])
 EDITS = ("exact", "whitespace", "comment")
+# An exact copy has the original's normalized digest and a whitespace copy its word
+# shingles (MinHash Jaccard 1): both are duplicates whatever the text, so a group of one of
+# them with its original admitted twice is a double admission. A comment copy is a
+# duplicate only if MinHash or the model at the threshold says so (on arbitrary short
+# functions it is not always: a soak saw 5 of ~5,400 kept, none within the threshold of
+# its original), so it is judged by the close-pairs check alone.
+CAUGHT_BY_CONSTRUCTION = ("exact", "whitespace")
 
 
 # -- the corpus: real functions with planted copies ------------------------------------------
@@ -111,7 +119,8 @@ def planted(text: str, edit: str) -> str:
 @dataclass
 class Stream:
     """Events in the order they are produced, and the groups of copies among them (an
-    original and its planted copies: at most one of a group may be admitted)."""
+    original and a planted copy that every run must catch: at most one of a group may be
+    admitted)."""
 
     events: list[dict[str, Any]]
     groups: list[set[str]]
@@ -147,7 +156,8 @@ def make_stream(n: int, prefix: str, every: int = 4, seed: int = 0, skip: int = 
         if k % every == 0:
             edit = EDITS[(k // every) % len(EDITS)]
             copy_id = f"{prefix}:copy-{edit}:{name}"
-            groups.append({f"{prefix}:{name}", copy_id})
+            if edit in CAUGHT_BY_CONSTRUCTION:
+                groups.append({f"{prefix}:{name}", copy_id})
             due.append((len(order) + rng.randint(3, 20), copy_id, planted(text, edit)))
     order += [(i, t) for _, i, t in due]
     now = int(time.time() * 1000)
