@@ -10,7 +10,7 @@ stops while it waits) is held, never acked (``agents.runner.consume``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import faust
 import redis
@@ -25,21 +25,38 @@ from streams.app import Topics
 from streams.metrics import ADMIT_HOLD_MAX_S, INDEX_SIZE, StageMetrics
 
 
-def declare_ingest(app: faust.App, topics: Topics, config: Curation, client: redis.Redis,
-                    metrics: StageMetrics) -> None:
-    pipeline = build_pipeline(config, client, stages=["ingest"])
-    claims = ExactClaims(client, config.redis.namespace)
-    run = Runner("ingest", metrics, stopping=lambda: app.should_stop)
+def _handle(stage: str, pipeline: Pipeline, run: Runner, claims: ExactClaims,
+            passed: faust.TopicT, topics: Topics, metrics: StageMetrics, *,
+            latency: bool = False,
+            after: Callable[[], Awaitable[None]] | None = None
+            ) -> Callable[[Sequence[faust.EventT]], Awaitable[None]]:
+    """What a filter agent does with one micro-batch: decide every record (``run.decide``),
+    give back the claims of records that failed, send every outcome, count (with the
+    event-time latency of the decoded records when ``latency``)."""
 
     async def handle(events: Sequence[faust.EventT]) -> None:
         batch = [item_of(e) for e in events]
         metrics.count_in(len(batch))
-        outcomes = await run.decide(pipeline.run, batch, "ingest")
+        outcomes = await run.decide(pipeline.run, batch, stage)
         await run(release_failed_claims, (claims, outcomes))
-        outcomes = await send_outcomes(batch, outcomes, topics.candidates, topics.rejected,
-                                       stage="ingest", metrics=metrics, stopping=run.stopping)
-        metrics.count_outcomes(outcomes)
+        outcomes = await send_outcomes(batch, outcomes, passed, topics.rejected,
+                                       stage=stage, metrics=metrics, stopping=run.stopping)
+        times = [item.record["timestamp"] for item in batch
+                 if latency and isinstance(item.record, dict)]
+        metrics.count_outcomes(outcomes, times)
         metrics.add_seconds(pipeline.seconds())
+        if after is not None:
+            await after()
+
+    return handle
+
+
+def declare_ingest(app: faust.App, topics: Topics, config: Curation, client: redis.Redis,
+                   metrics: StageMetrics) -> None:
+    pipeline = build_pipeline(config, client, stages=["ingest"])
+    run = Runner("ingest", metrics, stopping=lambda: app.should_stop)
+    handle = _handle("ingest", pipeline, run, ExactClaims(client, config.redis.namespace),
+                     topics.candidates, topics, metrics)
 
     @app.agent(topics.raw, name="sluice-ingest")
     async def ingest(stream: faust.StreamT) -> None:
@@ -47,26 +64,21 @@ def declare_ingest(app: faust.App, topics: Topics, config: Curation, client: red
 
 
 def declare_dedup(app: faust.App, topics: Topics, config: Curation, client: redis.Redis,
-                   metrics: StageMetrics) -> None:
+                  metrics: StageMetrics) -> None:
     pipeline = build_pipeline(config, client, stages=["dedup"])  # loads the model now
     index = VectorIndex(client, config.redis.namespace, config.dedup)
     admitting = admission_index(pipeline)
-    claims = ExactClaims(client, config.redis.namespace)
     run = Runner("dedup", metrics, stopping=lambda: app.should_stop)
     metrics.labels["model"] = config.dedup.model if config.dedup.enabled else "none"
 
-    async def handle(events: Sequence[faust.EventT]) -> None:
-        batch = [item_of(e) for e in events]
-        metrics.count_in(len(batch))
-        outcomes = await run.decide(pipeline.run, batch, "dedup")
-        await run(release_failed_claims, (claims, outcomes))
-        outcomes = await send_outcomes(batch, outcomes, topics.samples, topics.rejected,
-                                       stage="dedup", metrics=metrics, stopping=run.stopping)
-        metrics.count_outcomes(outcomes, (item.record["timestamp"] for item in batch))
-        metrics.add_seconds(pipeline.seconds())
+    async def index_gauges() -> None:
         metrics.gauges[INDEX_SIZE] = float(await run(lambda _: index.size(), None))
         if admitting is not None:
             metrics.gauges[ADMIT_HOLD_MAX_S] = admitting.longest_hold_s
+
+    handle = _handle("dedup", pipeline, run, ExactClaims(client, config.redis.namespace),
+                     topics.samples, topics, metrics, latency=True,
+                     after=index_gauges)
 
     @app.agent(topics.candidates, name="sluice-dedup")
     async def dedup(stream: faust.StreamT) -> None:
