@@ -18,6 +18,7 @@ from faust.types.auth import CredentialsT
 from streams import serde
 from streams.config import TOPIC_RECORDS, KafkaSettings, TopicSettings
 from streams.connections import ssl_context
+from streams.offsets import SafeTransport
 
 
 @dataclass(frozen=True)
@@ -73,13 +74,21 @@ class Topics:
 assert [f.name for f in fields(Topics)] == list(TOPIC_RECORDS), "Topics must list every role"
 
 
+class SluiceApp(faust.App):
+    """faust's app on ``SafeTransport``: its consumer never commits past a record that has
+    no outcome (see ``streams.offsets``)."""
+
+    def _new_transport(self) -> Any:
+        return SafeTransport(self.conf.broker_consumer, self)
+
+
 def create_app(kafka: KafkaSettings, topics: TopicSettings, *, app_id: str, datadir: Path,
                web_port: int, buffer_maxsize: int = 256) -> tuple[faust.App, Topics]:
     """The Faust app on the configured Kafka, and its topics."""
     # One scheme for every protocol: Faust's transport is chosen by the scheme ("kafka" is
     # aiokafka); TLS and SASL travel in the credentials, never in the URL.
     brokers = [f"kafka://{host}" for host in kafka.bootstrap_servers.split(",")]
-    app = faust.App(
+    app = SluiceApp(
         app_id,
         broker=brokers,
         broker_credentials=_credentials(kafka),
