@@ -1,7 +1,14 @@
 """The balance step: buffer each new sample of one samples partition in Redis (idempotent
-by id), update the class EMA, and every ``batch_size`` new samples compose a batch by the
-policy's target shares (× the difficulty factor from feedback), with up to
-``replay_fraction`` of it hard examples.
+by id), update the class EMA, and compose batches by the policy's target shares (× the
+difficulty factor from feedback), with up to ``replay_fraction`` of each hard examples.
+
+When a batch is composed is ``pace``: ``arrivals``, every ``batch_size`` new samples
+(``process``); ``trainer``, whenever the agent finds the trainer fewer than
+``ahead_batches`` behind (``paced``, called on arrivals and on a timer), each batch drawn
+from the whole buffered pool as soon as it holds a full batch. Compute-limited (the stream
+outruns training), the pool fills to ``buffer_cap`` per class and evicts the oldest;
+data-limited (training outruns the stream), samples are drawn again up to ``reuse_cap``
+times and, when even that leaves less than a batch, ``starved`` says so.
 
 Its state (EMA, rounding credit, sequence, pending count, last offset counted) is a
 JSON-able dict that the Faust agent keeps in a changelog-backed table: it sets ``state``
@@ -118,6 +125,8 @@ class Balance(Step):
         #: The partition's state (the Faust table value); a fresh dict after every run.
         self.state: dict[str, Any] = {}
         self._in_flight: set[int] = set()  # sequences handed out, not yet confirmed
+        #: ``paced`` found the pool short of a full batch (the trainer waits for data).
+        self.starved = False
 
     # -- the caller's side of the outbox --------------------------------------------------
     def confirm(self, batch: CuratedBatch) -> None:
@@ -178,9 +187,30 @@ class Balance(Step):
         state["ema"] = ema.to_dict()
         state["offset"] = offset
         state["pending"] = int(state.get("pending", 0)) + 1
-        if state["pending"] < b.batch_size:
-            return None
+        if b.pace == "trainer" or state["pending"] < b.batch_size:
+            return None  # trainer-paced: the agent calls ``paced`` when the trainer is behind
         return self.compose(ema, state)
+
+    def paced(self, budget: int) -> list[CuratedBatch]:
+        """Up to ``budget`` batches for a trainer that is behind (``pace = trainer``): first
+        any recorded batch nobody is sending, then one composed from the pool each time it
+        holds a full batch (counting replays); ``starved`` when it does not."""
+        b = self.settings
+        state = dict(self.state)
+        state, out = self._recover(state, set(self._in_flight))
+        self.starved = False
+        while len(out) < budget:
+            replays = min(int(b.batch_size * b.replay_fraction), self.buffers.replay_size())
+            if sum(self.buffers.sizes().values()) + replays < b.batch_size:
+                self.starved = True
+                break
+            batch = self.compose(ClassEMA.restore(state.get("ema"), b.alpha, b.window), state)
+            if batch is None:
+                break
+            out.append(batch)
+        self.state = state
+        self._in_flight |= {int(batch["sequence"]) for batch in out}
+        return out
 
     def compose(self, ema: ClassEMA, state: dict[str, Any]) -> CuratedBatch | None:
         """Draw and record one batch by the policy; on success ``state`` becomes the state

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import redis
+from redis.cluster import RedisCluster
 
 from agents import buffer_scripts
 from agents.config import BalanceSettings
@@ -114,7 +115,7 @@ class ClassBuffers:
             raise BufferStoreError(
                 f"buffer_cap and reuse_cap must be >= 1 (got {buffer_cap}, {reuse_cap})"
             )
-        if redis_client.connection_pool.connection_kwargs.get("decode_responses"):
+        if redis_client.get_connection_kwargs().get("decode_responses"):
             raise BufferStoreError("ClassBuffers needs a bytes Redis client (decode_responses off)")
         self.redis = redis_client
         self.namespace = namespace
@@ -183,11 +184,15 @@ class ClassBuffers:
         return self.admit(sample).new
 
     def add_many(self, samples: Iterable[Mapping[str, Any]]) -> list[bool]:
-        """``add`` for several samples in one round trip (each still atomic on its own)."""
+        """``add`` for several samples, in one round trip on a single Redis (each still atomic
+        on its own)."""
         calls = [self._add_call(s, None) for s in samples]
         if not calls:
             return []
         with _redis_errors("add"):
+            if isinstance(self.redis, RedisCluster):
+                # redis-py's cluster pipeline refuses scripts: one round trip each there.
+                return [_admitted(self._add(keys=keys, args=args)).new for keys, args in calls]
             pipe = self.redis.pipeline(transaction=False)
             for keys, args in calls:
                 self._add(keys=keys, args=args, client=pipe)

@@ -60,13 +60,39 @@ class IngestSettings(Section):
     text: TextQualitySettings = TextQualitySettings()
 
 
-class FuzzySettings(Section):
-    """MinHash-LSH near-duplicate detection, shared by all workers through Redis."""
+class CodeFuzzySettings(Section):
+    """The second MinHash-LSH layer, for CODE records only: shingles of identifier-normalized
+    tokens (``agents.code_tokens``), which catch renamed, comment-stripped and reordered
+    copies that word shingles miss."""
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="false: CODE records get only the word layer")
+    threshold: float = Field(0.9, gt=0, le=1, description="estimated Jaccard of normalized "
+                             "token shingles at or above which a CODE record is a duplicate "
+                             "(a stream loses the names and comments, so it is stricter than "
+                             "the word layer)")
+    num_perm: int = Field(128, ge=16, description="MinHash permutations")
+    shingle_tokens: int = Field(10, ge=1, description="tokens per shingle")
+
+    @property
+    def shingle(self) -> int:
+        """Items per shingle (what the index records as ``shingle_tokens``)."""
+        return self.shingle_tokens
+
+
+class FuzzySettings(Section):
+    """MinHash-LSH near-duplicate detection, shared by all workers through Redis: word
+    shingles for every record, then (``code``) normalized token shingles for CODE."""
+
+    enabled: bool = Field(True, description="false: no fuzzy layer at all (nor the code one)")
     threshold: float = Field(0.8, gt=0, le=1, description="estimated Jaccard of word shingles")
-    num_perm: int = Field(128, ge=16)
-    shingle_words: int = Field(5, ge=1)
+    num_perm: int = Field(128, ge=16, description="MinHash permutations")
+    shingle_words: int = Field(5, ge=1, description="words per shingle")
+    code: CodeFuzzySettings = CodeFuzzySettings()
+
+    @property
+    def shingle(self) -> int:
+        """Items per shingle (what the index records as ``shingle_words``)."""
+        return self.shingle_words
 
 
 class DedupSettings(Section):
@@ -128,6 +154,22 @@ class BalanceSettings(Section):
                                     "remembered, so a redelivered feedback record folds once")
     feedback_dedup_ttl_s: int = Field(7 * 24 * 3600, ge=1, description="how long a (batch "
                                       "id, step) pair is remembered")
+    pace: Literal["arrivals", "trainer"] = Field(
+        "arrivals", description="when batches are composed: arrivals = one every batch_size "
+        "new samples; trainer = whenever fewer than ahead_batches batches are waiting for the "
+        "trainer's group (trainer_group's committed position on curated-batches), each from "
+        "the whole buffered pool, on arrivals and every pace_interval_s")
+    ahead_batches: int = Field(16, ge=1, description="pace = trainer: batches written and not "
+                               "yet committed by the trainer, at most; keep it above "
+                               "trainer.prefetch plus what the trainer trains between two "
+                               "commits (trainer.commit_every_s) and probes, or a fast "
+                               "trainer waits. Exact with one worker; W workers probing at "
+                               "once may each fill the same gap (at most W times it)")
+    pace_interval_s: float = Field(1.0, gt=0, description="pace = trainer: how often the "
+                                   "trainer's position is asked of the broker and a batch "
+                                   "composed if it is behind")
+    trainer_group: str = Field("sluice-trainer", description="pace = trainer: the trainer's "
+                               "consumer group (keep it trainer.group_id)")
 
 
 class Curation(Protocol):

@@ -1,5 +1,9 @@
-"""Fuzzy (near-duplicate) dedup: MinHash over word shingles, LSH bands shared through Redis.
+"""Fuzzy (near-duplicate) dedup: MinHash over shingles, LSH bands shared through Redis.
 
+One index class, two configurations (``Shingling``): ``WORDS`` shingles every record's
+words (``fuzzy``); ``CODE_TOKENS`` shingles CODE records' identifier-normalized token
+streams (``agents.code_tokens``; ``fuzzy.code``), under its own key prefix. Each is its own
+step (``FuzzyDedup``, ``CodeFuzzyDedup``), and a rejection's detail names the method.
 Signatures come from ``agents.minhash`` (datasketch's ``affine32`` MinHash, vectorized).
 
 The index is our own small key layout rather than ``MinHashLSH`` with datasketch's Redis
@@ -12,7 +16,8 @@ candidates, one fetch of candidate signatures, one script that inserts the admit
 Keys, under ``agents.keys.lsh_prefix`` (one Redis Cluster hash tag per namespace's index,
 so the insert script may touch all its keys)::
 
-    <prefix>:meta           hash  num_perm, bands, rows, shingle_words, seed, scheme
+    <prefix>:meta           hash  num_perm, bands, rows, shingle_words (words) or
+                                  shingle_tokens (code), scheme (with the tokenizer)
     <prefix>:sig            hash  id -> signature (num_perm little-endian uint32) + seq
     <prefix>:seq            int   insertion counter
     <prefix>:band:{i}:{h}   set   ids whose band i hashes to h
@@ -30,17 +35,18 @@ insert and the removal leaves the loser admitted.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import ClassVar, Literal, Protocol
 
 import numpy as np
 import redis
 from datasketch import MinHashLSH
 
-from agents.config import FuzzySettings
+from agents.code_tokens import CODE_TOKENIZER, CodeDoc, code_tokens
+from agents.config import CodeFuzzySettings, FuzzySettings
 from agents.identity import event_id, store_id
-from agents.keys import lsh_prefix
+from agents.keys import code_lsh_prefix, lsh_prefix
 from agents.minhash import (
     _SHINGLE_BASE,
     SCHEME,
@@ -60,8 +66,45 @@ at threshold 0.8 and 128 permutations this gives 16 bands of 8 rows, which finds
 Jaccard 0.8 with probability 0.95 (0.99 at 0.85), where equal weights (9 × 13) find 0.40."""
 
 
-
 FuzzyResult = Literal["admitted", "replayed", "duplicate", "skipped"]
+
+#: The settings of one layer: ``fuzzy`` (words) or ``fuzzy.code`` (code tokens).
+LayerSettings = FuzzySettings | CodeFuzzySettings
+
+
+def _words(hasher: MinHasher, doc: str | CodeDoc) -> np.ndarray:
+    return hasher.shingle_hashes(doc.text if isinstance(doc, CodeDoc) else doc)
+
+
+def _code(hasher: MinHasher, doc: str | CodeDoc) -> np.ndarray:
+    tokens = code_tokens(doc if isinstance(doc, CodeDoc) else CodeDoc(doc))
+    if len(tokens) < hasher.shingle_words:
+        # Not one whole shingle of code (a file of comments, docs or a licence around a
+        # `package x` line): all such files look alike here. The word layer still applies.
+        return np.empty(0, dtype=np.uint32)
+    return hasher.token_shingle_hashes(tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class Shingling:
+    """What an index shingles: one of its two configurations.
+
+    ``method`` is what a rejection names; ``tokenizer`` goes into the index's ``scheme`` (an
+    index built with another one is refused); ``size_field`` is the meta field of the
+    shingle size; ``prefix`` gives the keys of a namespace's index; ``hashes`` turns a
+    document (a text, or a ``CodeDoc``) into its shingle hashes.
+    """
+
+    method: str
+    tokenizer: str
+    size_field: str
+    prefix: Callable[[str], str]
+    hashes: Callable[[MinHasher, str | CodeDoc], np.ndarray]
+
+
+WORDS = Shingling("words", TOKENIZER, "shingle_words", lsh_prefix, _words)
+CODE_TOKENS = Shingling("code-tokens", CODE_TOKENIZER, "shingle_tokens", code_lsh_prefix,
+                        _code)
 
 
 class FuzzyError(SluiceError):
@@ -75,8 +118,8 @@ class FuzzyDecision:
     ``keep`` is False only for a near-duplicate, then ``duplicate_of`` names the earlier
     item and ``similarity`` is the estimated Jaccard of their shingle sets. ``outcome``
     says which case it was: ``admitted`` (new, now in the index), ``replayed`` (the id was
-    already admitted: replays are idempotent), ``duplicate``, or ``skipped`` (no word in
-    the text, or fuzzy dedup disabled: exact dedup still applies).
+    already admitted: replays are idempotent), ``duplicate``, or ``skipped`` (no word or
+    token in the document, or the layer disabled: exact dedup still applies).
     """
 
     keep: bool
@@ -133,6 +176,13 @@ class NearIndex(Protocol):
     def check_and_insert(self, items: Sequence[tuple[str, str]]) -> list[FuzzyDecision]: ...
 
 
+class CodeNearIndex(Protocol):
+    """Checks (id, code document) pairs against earlier ones and admits the new ones."""
+
+    def check_and_insert(self, items: Sequence[tuple[str, CodeDoc]]) -> list[FuzzyDecision]:
+        ...
+
+
 @dataclass(slots=True)
 class _Stored:
     signature: np.ndarray
@@ -144,26 +194,30 @@ class FuzzyIndex:
 
     ``redis_or_url`` is a ``redis.Redis`` returning bytes (``streams.connections.redis_client``)
     or a URL. The first index on a namespace fixes its bands and rows in the ``meta`` hash;
-    later ones adopt them, and refuse a namespace built with another ``num_perm``,
-    ``shingle_words`` or tokenizer (its signatures would not compare).
+    later ones adopt them, and refuse a namespace built with another ``num_perm``, shingle
+    size or tokenizer (its signatures would not compare). ``shingling`` chooses what is
+    shingled and where the index lives: ``WORDS`` (``settings`` is ``fuzzy``) or
+    ``CODE_TOKENS`` (``settings`` is ``fuzzy.code``).
     """
 
     def __init__(
         self,
         redis_or_url: redis.Redis | str,
         namespace: str,
-        settings: FuzzySettings,
+        settings: LayerSettings,
         *,
+        shingling: Shingling = WORDS,
         weights: tuple[float, float] = DEFAULT_WEIGHTS,
     ) -> None:
         if isinstance(redis_or_url, str):
             redis_or_url = redis.Redis.from_url(redis_or_url)
-        if redis_or_url.connection_pool.connection_kwargs.get("decode_responses"):
+        if redis_or_url.get_connection_kwargs().get("decode_responses"):
             raise FuzzyError("FuzzyIndex needs a Redis client with decode_responses=False")
         self.redis = redis_or_url
         self.settings = settings
-        self.prefix = lsh_prefix(namespace)
-        self.hasher = MinHasher(settings.num_perm, settings.shingle_words)
+        self.shingling = shingling
+        self.prefix = shingling.prefix(namespace)
+        self.hasher = MinHasher(settings.num_perm, settings.shingle)
         params = MinHashLSH(threshold=settings.threshold, num_perm=settings.num_perm,
                             weights=weights)
         self.bands, self.rows = self._agree_meta(params.b, params.r)
@@ -174,8 +228,8 @@ class FuzzyIndex:
     def _agree_meta(self, bands: int, rows: int) -> tuple[int, int]:
         wanted: dict[str, str | int] = {
             "num_perm": self.settings.num_perm,
-            "shingle_words": self.settings.shingle_words,
-            "scheme": f"{SCHEME}/seed={SEED}/{TOKENIZER}",
+            self.shingling.size_field: self.settings.shingle,
+            "scheme": f"{SCHEME}/seed={SEED}/{self.shingling.tokenizer}",
             "bands": bands,
             "rows": rows,
         }
@@ -188,7 +242,7 @@ class FuzzyIndex:
             stored = {k.decode(): v.decode() for k, v in pipe.execute()[-1].items()}
         except redis.RedisError as exc:
             raise FuzzyError(f"fuzzy index {key}: {exc}") from exc
-        for field in ("num_perm", "shingle_words", "scheme"):
+        for field in ("num_perm", self.shingling.size_field, "scheme"):
             if stored[field] != str(wanted[field]):
                 raise FuzzyError(
                     f"fuzzy index {key} was built with {field}={stored[field]}, "
@@ -209,8 +263,11 @@ class FuzzyIndex:
         return [[f"{self.prefix}:band:{i}:{h:016x}" for i, h in enumerate(row)]
                 for row in digests]
 
-    def check_and_insert(self, items: Sequence[tuple[str, str]]) -> list[FuzzyDecision]:
-        """Decide each (id, text), in input order, and admit the new ones into the index.
+    def check_and_insert(self, items: Sequence[tuple[str, str]] | Sequence[tuple[str, CodeDoc]]
+                         ) -> list[FuzzyDecision]:
+        """Decide each (id, document), in input order, and admit the new ones into the index.
+
+        A document is a text or a ``CodeDoc``, shingled as the index's ``shingling`` says.
 
         An item is a duplicate when its estimated Jaccard with an earlier item — already in
         the index, or earlier in this batch — reaches the threshold (LSH finds candidates,
@@ -224,9 +281,12 @@ class FuzzyIndex:
         except redis.RedisError as exc:
             raise FuzzyError(f"fuzzy index {self.prefix}: {exc}") from exc
 
-    def _check_and_insert(self, items: Sequence[tuple[str, str]]) -> list[FuzzyDecision]:
+    def _check_and_insert(
+        self, items: Sequence[tuple[str, str]] | Sequence[tuple[str, CodeDoc]]
+    ) -> list[FuzzyDecision]:
         ids = [item_id for item_id, _ in items]
-        sigs = self.hasher.signatures([text for _, text in items])
+        sigs = [self.hasher.from_hashes(self.shingling.hashes(self.hasher, doc))
+                for _, doc in items]
         first: dict[str, int] = {}
         for j, item_id in enumerate(ids):
             first.setdefault(item_id, j)
@@ -239,7 +299,9 @@ class FuzzyIndex:
         pipe = self.redis.pipeline(transaction=False)
         pipe.hmget(self._sig_key, list(first))
         for j in todo:
-            pipe.sunion(keys[j])
+            # As a raw command: redis-py's cluster pipeline refuses its multi-key methods
+            # even when, as here, every key shares one hash tag (one slot).
+            pipe.execute_command("SUNION", *keys[j])
         present, *unions = pipe.execute()
         admitted = {i for i, value in zip(first, present, strict=True) if value is not None}
         seen = {j: {m.decode() for m in union} for j, union in zip(todo, unions, strict=True)}
@@ -365,14 +427,37 @@ class FuzzyIndex:
         return int(self.redis.hlen(self._sig_key))
 
 
-class FuzzyDedup(Step):
-    """Candidates in; the same candidate, or a ``near_duplicate`` of an earlier one."""
+class _NearDedup(Step):
+    """What both fuzzy steps share: a ``near_duplicate`` rejection naming the method."""
+
+    stage = "fuzzy"
+    method: ClassVar[str]
+
+    def __init__(self, threshold: float) -> None:
+        super().__init__()
+        self.threshold = threshold
+
+    def _outcome(self, item: Item, decision: FuzzyDecision) -> Outcome:
+        if decision.keep:
+            return Outcome(item.record, rejected=False)
+        return rejection(
+            self.stage, "near_duplicate", item.coords, event=dict(item.record),
+            duplicate_of=event_id(decision.duplicate_of or ""),
+            similarity=decision.similarity,
+            # The method leads the detail (the Rejection schema has no field for it).
+            detail=f"{self.method}: estimated Jaccard {decision.similarity:.3f} ≥ "
+                   f"{self.threshold}")
+
+
+class FuzzyDedup(_NearDedup):
+    """Candidates in; the same candidate, or a ``near_duplicate`` of an earlier one by its
+    word shingles (every kind)."""
 
     name = "fuzzy"
-    stage = "fuzzy"
+    method = WORDS.method
 
     def __init__(self, settings: FuzzySettings, index: NearIndex) -> None:
-        super().__init__()
+        super().__init__(settings.threshold)
         self.settings = settings
         self.index = index
 
@@ -380,15 +465,28 @@ class FuzzyDedup(Step):
         """One outcome per candidate, in input order."""
         decisions = self.index.check_and_insert([(store_id(i.record), i.record["content"])
                                                  for i in items])
-        outcomes = []
-        for item, decision in zip(items, decisions, strict=True):
-            if decision.keep:
-                outcomes.append(Outcome(item.record, rejected=False))
-            else:
-                outcomes.append(rejection(
-                    self.stage, "near_duplicate", item.coords, event=dict(item.record),
-                    duplicate_of=event_id(decision.duplicate_of or ""),
-                    similarity=decision.similarity,
-                    detail=f"estimated Jaccard {decision.similarity:.3f} ≥ "
-                           f"{self.settings.threshold}"))
-        return outcomes
+        return [self._outcome(item, decision)
+                for item, decision in zip(items, decisions, strict=True)]
+
+
+class CodeFuzzyDedup(_NearDedup):
+    """The code layer: a CODE candidate is a ``near_duplicate`` when its identifier-
+    normalized token shingles match an earlier CODE record's; other kinds pass untouched."""
+
+    name = "fuzzy_code"
+    method = CODE_TOKENS.method
+
+    def __init__(self, settings: CodeFuzzySettings, index: CodeNearIndex) -> None:
+        super().__init__(settings.threshold)
+        self.settings = settings
+        self.index = index
+
+    def process(self, items: Sequence[Item]) -> list[Outcome]:
+        """One outcome per candidate, in input order."""
+        code = [item for item in items if item.record["kind"] == "CODE"]
+        decisions = iter(self.index.check_and_insert([
+            (store_id(i.record), CodeDoc(i.record["content"], i.record.get("language"),
+                                         i.record.get("source")))
+            for i in code]))
+        return [self._outcome(item, next(decisions)) if item.record["kind"] == "CODE"
+                else Outcome(item.record, rejected=False) for item in items]

@@ -9,6 +9,7 @@ land in one slot. Keys used one at a time carry no tag and spread over every slo
 | exact claims | ``sluice:<ns>:exact:<digest>`` | string: the first id to claim the digest |
 | first versions | ``sluice:<ns>:first:<id>`` | string: the first digest seen under the id |
 | fuzzy index | ``sluice:{<ns>:lsh}:meta``, ``…:sig``, ``…:seq``, ``…:band:…`` | ``agents.fuzzy`` |
+| code fuzzy index | ``sluice:{<ns>:lsh-code}:meta``, ``…:sig``, ``…:seq``, ``…:band:…`` | same |
 | vector set | ``sluice:<ns>:vset`` | Redis 8 vector set |
 | class buffers | ``sluice:{<ns>:buf:<partition>}:…`` | see ``agents.buffers`` (with the |
 | | | composed batches not yet confirmed sent: ``…:outbox``) |
@@ -33,6 +34,12 @@ def first_digest_key(namespace: str, event_id: str) -> str:
 def lsh_prefix(namespace: str) -> str:
     """Prefix of the fuzzy MinHash-LSH index; its script touches all of it (one tag)."""
     return f"sluice:{{{namespace}:lsh}}"
+
+
+def code_lsh_prefix(namespace: str) -> str:
+    """Prefix of the code layer's MinHash-LSH index (token shingles of CODE records): the
+    same layout as ``lsh_prefix``, its own tag."""
+    return f"sluice:{{{namespace}:lsh-code}}"
 
 
 def vset_key(namespace: str) -> str:

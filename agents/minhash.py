@@ -1,4 +1,5 @@
-"""MinHash signatures over word shingles, computed with numpy (no per-word Python work).
+"""MinHash signatures over word or token shingles, computed with numpy (no per-word Python
+work).
 
 Signatures are datasketch's ``affine32`` MinHash (its permutations, its formula), computed
 for a whole document: the shingle hashes come from polynomial prefix sums over the
@@ -26,6 +27,7 @@ _ASCII_FOLD = bytes(
     for b in range(256)
 )
 _SPACE = 32
+_NUL = 0  # separates tokens, which may hold spaces
 _BASE = np.uint64(0x100000001B3)  # odd, so invertible modulo 2^64
 _BASE_INV = np.uint64(pow(0x100000001B3, -1, 1 << 64))
 _SHINGLE_BASE = np.uint64(0x9E3779B97F4A7C15)
@@ -64,7 +66,8 @@ def word_bytes(text: str) -> bytes:
 
 
 class MinHasher:
-    """Computes MinHash signatures (uint32 arrays of ``num_perm``) over word k-shingles.
+    """Computes MinHash signatures (uint32 arrays of ``num_perm``) over word k-shingles, or
+    over the k-shingles of a token sequence (``shingle_words`` is k for both).
 
     Equal to datasketch's ``MinHash(num_perm, seed=1, scheme="affine32")`` updated with the
     32-bit shingle hashes from ``shingle_hashes`` (a unit test pins this), so signatures
@@ -95,10 +98,19 @@ class MinHasher:
         A text of fewer than k words is one shingle of all its words; a text without
         words has none.
         """
-        data = word_bytes(text)
+        return self._run_shingles(word_bytes(text), _SPACE)
+
+    def token_shingle_hashes(self, tokens: Sequence[str]) -> np.ndarray:
+        """32-bit hashes of the k-shingles of a token sequence (``agents.code_tokens``),
+        hashed like words: tokens may hold spaces or punctuation, never a NUL byte."""
+        data = "\x00".join(tokens).encode("utf-8", "surrogatepass")
+        return self._run_shingles(data, _NUL)
+
+    def _run_shingles(self, data: bytes, separator: int) -> np.ndarray:
+        """Shingle hashes of the runs of non-``separator`` bytes in ``data``."""
         buf = np.frombuffer(data, dtype=np.uint8)
         is_word = np.zeros(len(buf) + 2, dtype=np.int8)
-        is_word[1:-1] = buf != _SPACE
+        is_word[1:-1] = buf != separator
         edges = np.diff(is_word)
         starts = np.flatnonzero(edges == 1)
         ends = np.flatnonzero(edges == -1)

@@ -6,7 +6,9 @@ rejects stops there, what it passes goes on to the next step, and ``run`` return
 ``Outcome`` per input item, in input order. ``build_pipeline`` chooses the steps of the
 named stages from the settings, over stores in the Redis it is given:
 
-- ``ingest``: ``Validate`` → ``ExactDedup`` → ``FuzzyDedup`` (when ``fuzzy.enabled``);
+- ``ingest``: ``Validate`` → ``ExactDedup`` → ``FuzzyDedup`` (word shingles, when
+  ``fuzzy.enabled``) → ``CodeFuzzyDedup`` (normalized code tokens of CODE records, when
+  ``fuzzy.code.enabled`` too);
 - ``dedup``: ``SemanticDedup`` (when ``dedup.enabled``; else ``PassSemantic``, and no
   model is loaded).
 """
@@ -19,7 +21,7 @@ import redis
 
 from agents.config import AGENTS, Curation
 from agents.exact import ExactClaims, ExactDedup
-from agents.fuzzy import FuzzyDedup, FuzzyIndex
+from agents.fuzzy import CODE_TOKENS, CodeFuzzyDedup, FuzzyDedup, FuzzyIndex
 from agents.index import VectorIndex
 from agents.semantic import Encoder, PassSemantic, SemanticDedup
 from agents.step import Item, Outcome, Step
@@ -91,6 +93,10 @@ def build_pipeline(config: Curation, client: redis.Redis, *,
         steps += [Validate(config.ingest), ExactDedup(ExactClaims(client, ns))]
         if config.fuzzy.enabled:
             steps.append(FuzzyDedup(config.fuzzy, FuzzyIndex(client, ns, config.fuzzy)))
+            if config.fuzzy.code.enabled:
+                code = config.fuzzy.code
+                steps.append(CodeFuzzyDedup(code, FuzzyIndex(client, ns, code,
+                                                             shingling=CODE_TOKENS)))
     if "dedup" in stages:
         if config.dedup.enabled:
             steps.append(SemanticDedup(config.dedup, embedder or load_embedder(config),

@@ -5,6 +5,8 @@ the logic; the agents keep the Faust table and send what the steps emit.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
 import os
 from collections import Counter
@@ -13,16 +15,20 @@ from typing import Any
 
 import faust
 import redis
+from kafka.admin import KafkaAdminClient
 
 from agents.balance import Balance, sample_share
 from agents.buffers import ClassBuffers, buffers_for
 from agents.config import Curation
 from agents.feedback import Feedback, LossStore
+from agents.pacing import Pacer
 from agents.policy import label_for
 from agents.runner import Runner, decode_problem, item_of
 from agents.step import Item, Outcome, Step, error_rejection
 from schemas.records import CuratedBatch
 from streams.app import Topics
+from streams.connections import kafka_client_options
+from streams.lag import unconsumed
 from streams.metrics import (
     BATCHES,
     IN,
@@ -46,6 +52,8 @@ from streams.metrics import (
 EXIT_AT = os.environ.get("SLUICETEST_EXIT_AT", "")
 EXIT_CODE = 86
 
+log = logging.getLogger(__name__)
+
 
 def _exit_at(point: str) -> None:
     if point == EXIT_AT:
@@ -62,16 +70,40 @@ def declare_balance(app: faust.App, topics: Topics, config: Curation, client: re
     steps: dict[int, Balance] = {}
     run = Runner("balance")
     metrics.labels["policy"] = label_for(config.balance)
+    trainer_paced = config.balance.pace == "trainer"
+    pacer = Pacer(config.balance.ahead_batches)
+    # One balance call at a time: the timer and the agent share the steps and the pacer.
+    lock = asyncio.Lock()
 
-    def balance_one(args: tuple[Item, dict[str, Any]]) -> tuple[Balance, list[CuratedBatch]]:
-        item, state = args
-        partition = item.coords.partition
+    def step_of(partition: int, state: dict[str, Any]) -> Balance:
+        """The partition's step, its state the table's (``_newest``)."""
         if partition not in steps:
             buffers = buffers_for(client, config.redis.namespace, partition, config.balance)
             steps[partition] = Balance(config.balance, buffers, losses, message_limit=limit)
         step = steps[partition]
-        step.state = state
-        return step, [outcome.record for outcome in step.run([item])]
+        step.state = _newest(state, step.state)
+        return step
+
+    def balance_one(args: tuple[Item, dict[str, Any]]) -> tuple[Balance, list[CuratedBatch]]:
+        item, state = args
+        step = step_of(item.coords.partition, state)
+        batches = [outcome.record for outcome in step.run([item])]
+        if trainer_paced and pacer.budget() > len(batches):
+            batches += step.paced(pacer.budget() - len(batches))
+        return step, batches
+
+    async def send_batches(step: Balance, key: str, batches: list[CuratedBatch]) -> None:
+        try:
+            for batch in batches:
+                await (await topics.batches.send(key=batch["batch_id"].encode(),
+                                                 value=batch))
+                pacer.sent()
+                await run(step.confirm, batch)
+                fill = await run(lambda b: (b.sizes(), b.evictions()), step.buffers)
+                _batch_metrics(metrics, batch, *fill)
+        finally:
+            # A batch whose send failed stays recorded: the next run re-sends it.
+            step.release()
 
     @app.agent(topics.samples, name="sluice-balance")
     async def balance(stream: faust.StreamT) -> None:
@@ -84,25 +116,87 @@ def declare_balance(app: faust.App, topics: Topics, config: Curation, client: re
             if problem is not None:
                 await _send_rejection(topics, metrics, problem)
                 continue
-            try:
-                step, batches = await run(balance_one, (item, dict(table[key])))
-            except Exception as exc:  # not the store (Runner waits that out): this record
-                await _reject(topics, metrics, "balance", item, exc)
-                continue
-            if batches:
-                _exit_at("balance.before_send")
-            table[key] = step.state  # reassigned: only assignment reaches the changelog
-            try:
-                for batch in batches:
-                    await (await topics.batches.send(key=batch["batch_id"].encode(),
-                                                     value=batch))
-                    await run(step.confirm, batch)
-                    fill = await run(lambda b: (b.sizes(), b.evictions()), step.buffers)
-                    _batch_metrics(metrics, batch, *fill)
-            finally:
-                # A batch whose send failed stays recorded: the next run re-sends it.
-                step.release()
+            async with lock:
+                try:
+                    step, batches = await run(balance_one, (item, dict(table[key])))
+                except Exception as exc:  # not the store (Runner waits that out): this record
+                    await _reject(topics, metrics, "balance", item, exc)
+                    continue
+                if batches:
+                    _exit_at("balance.before_send")
+                table[key] = step.state  # reassigned: only assignment reaches the changelog
+                await send_batches(step, key, batches)
+                _pace_metrics(metrics, pacer, steps.values(), trainer_paced)
             _step_counters(metrics, steps.values())
+
+    if not trainer_paced:
+        return
+    admin: list[KafkaAdminClient] = []  # made in the probe's thread, on first use
+
+    def probe() -> int:
+        if not admin:
+            admin.append(KafkaAdminClient(**kafka_client_options(config.kafka)))
+        return unconsumed(admin[0], config.balance.trainer_group, config.topics.batches,
+                          config.topics.partitions)
+
+    @app.timer(interval=config.balance.pace_interval_s)
+    async def pace() -> None:
+        """Serve a trainer that caught up even when no sample arrives: probe its position,
+        then compose from the pools of the partitions this worker holds. A table write
+        needs a stream event, so the state these batches advance (sequence, credit) is
+        kept by the step and written with the partition's next sample (``_newest``)."""
+        mark = pacer.mark()
+        try:
+            found = await asyncio.get_running_loop().run_in_executor(None, probe)
+        except Exception as exc:  # the broker cannot say now: compose nothing, ask again
+            metrics.counters["pace.probe_failed"] += 1
+            log.warning("balance: the trainer's position on %s is unknown: %s",
+                        config.topics.batches, exc)
+            return
+        pacer.observe(found, mark)
+        held = {tp.partition for tp in app.assignor.assigned_actives()
+                if tp.topic == config.topics.samples}
+        async with lock:
+            for partition in sorted(held):
+                if pacer.budget() <= 0:
+                    break
+                try:
+                    # Read, never written here: a table write needs a stream event.
+                    step = await run(lambda args: step_of(*args),
+                                     (partition, dict(table[str(partition)])))
+                    batches = await run(step.paced, pacer.budget())
+                except Exception as exc:  # a bug, not the store: the next tick tries again
+                    log.exception("balance: pacing partition %d failed: %s", partition, exc)
+                    continue
+                if batches:
+                    _exit_at("balance.before_send")
+                await send_batches(step, str(partition), batches)
+            _pace_metrics(metrics, pacer, [steps[p] for p in held if p in steps], True)
+        _step_counters(metrics, steps.values())
+
+
+def _newest(table_state: dict[str, Any], step_state: dict[str, Any]) -> dict[str, Any]:
+    """The partition's state: the table's, with the sequence and credit of batches the
+    timer composed since the table was last written (they are ahead of it)."""
+    if int(step_state.get("sequence", 0)) <= int(table_state.get("sequence", 0)):
+        return table_state
+    return {**table_state, "sequence": step_state["sequence"],
+            "credit": step_state.get("credit", {}), "pending": 0}
+
+
+def _pace_metrics(metrics: StageMetrics, pacer: Pacer, steps: Iterable[Balance],
+                  trainer_paced: bool) -> None:
+    """``batches_ahead`` (of the trainer's committed position) and ``trainer_starved``
+    (1: the trainer is behind by less than ``ahead_batches`` and no pool this worker holds
+    has a full batch for it), plus the ``starved`` count of such moments."""
+    if not trainer_paced or pacer.ahead is None:
+        return
+    metrics.gauges["batches_ahead"] = float(pacer.ahead)
+    stepped = list(steps)
+    starved = pacer.budget() > 0 and bool(stepped) and all(s.starved for s in stepped)
+    metrics.gauges["trainer_starved"] = float(starved)
+    if starved:
+        metrics.counters["starved"] += 1
 
 
 async def _reject(topics: Topics, metrics: StageMetrics, stage: str, item: Item,

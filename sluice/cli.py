@@ -74,14 +74,20 @@ def cli(config: str | None, verbose: bool) -> None:
 
 
 @cli.command()
+@click.option("--redis-cluster", "masters", type=click.IntRange(1, 16), default=None,
+              help="Run Redis as a Redis Cluster of this many masters (3 is usual); "
+              "the same as the setting stack.redis_cluster.")
 @click.pass_context
-def up(ctx: click.Context) -> None:
+def up(ctx: click.Context, masters: int | None) -> None:
     """Start the embedded Kafka broker and Redis (idempotent) and create the topics."""
     import time
 
-    from sluice.stack import Stack
+    from sluice.stack import Stack, with_redis_cluster
 
     settings = settings_of(ctx)
+    configured = settings.stack.redis_cluster
+    if masters is not None:
+        settings = with_redis_cluster(settings, masters)
     began = time.monotonic()
     with _spinner("starting Kafka and Redis"):
         started = Stack(settings).up()
@@ -89,6 +95,12 @@ def up(ctx: click.Context) -> None:
         click.echo(f"{name:6} {'started' if fresh else 'already running'}")
     _print_status(settings)
     click.echo(f"topics: {', '.join(settings.topics.all().values())}")
+    if settings.redis.cluster:
+        click.echo(f"redis  {settings.redis.url}")
+    if masters is not None and masters != configured:
+        # Every other command reads the settings afresh: they must name the cluster too.
+        click.echo(f"for the other commands set stack.redis_cluster = {masters} in the "
+                   f"settings file, or SLUICE_STACK__REDIS_CLUSTER={masters}", err=True)
     click.echo(f"ready in {time.monotonic() - began:.1f} s")
 
 

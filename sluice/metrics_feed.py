@@ -19,13 +19,14 @@ from collections import deque
 from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
-from kafka.admin import KafkaAdminClient, OffsetSpec
+from kafka.admin import KafkaAdminClient
 from kafka.errors import KafkaError
 
 from schemas.records import MetricSnapshot
 from sluice.metrics_view import Key, Sample, View, sample_of
 from sluice.settings import Settings
 from streams.connections import kafka_client_options
+from streams.lag import group_lag
 from streams.serde import DecodeError, decode
 
 log = logging.getLogger(__name__)
@@ -88,32 +89,6 @@ def reachable(bootstrap: str, timeout_s: float = 1.0) -> str | None:
         except (OSError, ValueError) as exc:
             errors.append(f"{server.strip()}: {exc}")
     return "cannot reach Kafka (" + "; ".join(errors) + ")"
-
-
-def group_lag(admin: KafkaAdminClient, group: str, topics: set[str],
-              timeout_ms: int = 3000) -> dict[str, int]:
-    """Messages behind per topic for consumer group ``group`` (committed vs end offsets),
-    over the partitions of ``topics`` it has committed offsets for.
-
-    The end offsets come from the admin client, which routes each partition to its leader
-    from fresh metadata. ``KafkaConsumer.end_offsets`` is not used: a consumer knows the
-    leaders of its assigned topics only, and kafka-python 3.0.12 silently leaves out the
-    partitions of a topic it has not seen yet, then raises ``KeyError`` on them.
-    """
-    committed = admin.list_group_offsets(group).get(group, {})
-    tps = [tp for tp, meta in committed.items()
-           if tp.topic in topics and meta is not None and meta.offset >= 0]
-    if not tps:
-        return {}
-    ends = admin.list_partition_offsets({tp: OffsetSpec.LATEST for tp in tps},
-                                        timeout_ms=timeout_ms)
-    lag: dict[str, int] = {}
-    for tp in tps:
-        end = ends.get(tp)
-        if end is None:  # never expected; a lag we cannot compute is not reported as zero
-            raise KafkaError(f"no end offset for {tp.topic}[{tp.partition}]")
-        lag[tp.topic] = lag.get(tp.topic, 0) + max(0, end.offset - committed[tp].offset)
-    return lag
 
 
 class MetricsFeed:

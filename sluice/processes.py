@@ -95,6 +95,11 @@ class _Process:
         raise NotImplementedError
 
     @property
+    def port_setting(self) -> str:
+        """The ``stack`` setting that chooses ``port`` (named when the port is taken)."""
+        return f"{self.name}_port"
+
+    @property
     def log_file(self) -> Path:
         raise NotImplementedError
 
@@ -123,9 +128,10 @@ class _Process:
                                  f"see {self.log_file}, or `sluice down` and `sluice up` again")
             return False
         if not port_is_free(self.port):
+            setting = self.port_setting
             raise StackError(
                 f"port {self.port} for {self.name} is taken by another process: stop it, or set "
-                f"stack.{self.name}_port (SLUICE_STACK__{self.name.upper()}_PORT) to a free port"
+                f"stack.{setting} (SLUICE_STACK__{setting.upper()}) to a free port"
             )
         self.home.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -200,7 +206,12 @@ class RedisProcess(_Process):
         password = self.settings.redis.password
         if password:
             lines.append(f"requirepass {_redis_quote(password)}")
+        lines += self.extra_config()
         write_private(self.config_file, "\n".join(lines) + "\n")
+
+    def extra_config(self) -> list[str]:
+        """redis.conf lines of this kind of server beyond the shared ones (none here)."""
+        return []
 
     def command(self) -> list[str]:
         try:

@@ -135,7 +135,7 @@ def _embedded_kafka(stack: StackSettings) -> str:
 
 
 def _embedded_redis(stack: StackSettings) -> str:
-    return f"redis://127.0.0.1:{stack.redis_port}/0"
+    return stack.redis_url()
 
 
 def _describe(exc: ValidationError) -> str:

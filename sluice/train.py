@@ -78,6 +78,9 @@ def parse_model_options(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--stop-when-idle", type=click.FloatRange(min=0), default=None,
               help="Stop after this many seconds without a new batch "
                    "[default: trainer.idle_timeout_s, never].")
+@click.option("--loss-weights/--no-loss-weights", "loss_weights", default=None,
+              help="Weight each sample's loss by its importance weight, normalized per "
+                   "batch [default: trainer.loss_weights, on].")
 @click.pass_context
 def train(
     ctx: click.Context,
@@ -90,6 +93,7 @@ def train(
     eval_file: Path | None,
     holdout: float | None,
     stop_when_idle: float | None,
+    loss_weights: bool | None,
 ) -> None:
     """Train continuously on curated-batches until stopped (SIGTERM or Ctrl-C).
 
@@ -106,6 +110,7 @@ def train(
         "model": model, "max_steps": max_steps, "checkpoint_dir": checkpoint_dir,
         "start": start, "device": device, "eval_file": eval_file,
         "holdout_fraction": holdout, "idle_timeout_s": stop_when_idle,
+        "loss_weights": loss_weights,
     }
     overrides = {name: value for name, value in flags.items() if value is not None}
     if model_options:

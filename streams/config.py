@@ -88,14 +88,59 @@ class KafkaSettings(Section):
         return self
 
 
-class RedisSettings(Section):
-    """How clients reach Redis. Empty ``url`` means the embedded server."""
+#: The scheme of a Redis Cluster address: ``redis+cluster://host:port[,host:port…]``.
+CLUSTER_SCHEME = "redis+cluster://"
 
-    url: str = Field("", description="redis://host:port/db; empty: the embedded Redis")
+
+class RedisSettings(Section):
+    """How clients reach Redis. Empty ``url`` means the embedded server (or the embedded
+    cluster, with ``stack.redis_cluster``).
+
+    ``redis+cluster://host:port[,host:port…]`` names a Redis Cluster by one or more of its
+    masters (the client discovers the rest); every store then works through a cluster client.
+    """
+
+    url: str = Field("", description="redis://host:port/db, or redis+cluster://host:port"
+                     "[,host:port…] for a Redis Cluster; empty: the embedded Redis")
     password: str | None = Field(None, repr=False, description="Redis AUTH password; the "
                                  "embedded Redis requires it (requirepass) when it is set")
     namespace: str = Field("default", description="prefix of every sluice key in Redis: "
                            "indexes, claims, buffers (one namespace, one curated stream)")
+
+    @model_validator(mode="after")
+    def _valid_cluster_url(self) -> RedisSettings:
+        if self.url.startswith(CLUSTER_SCHEME):
+            cluster_nodes(self.url)  # raises ValueError naming what is wrong
+        return self
+
+    @property
+    def cluster(self) -> bool:
+        """True when ``url`` names a Redis Cluster."""
+        return self.url.startswith(CLUSTER_SCHEME)
+
+
+def cluster_nodes(url: str) -> list[tuple[str, int]]:
+    """The (host, port) startup nodes of a ``redis+cluster://`` URL.
+
+    No password, database or options in it: a cluster has only database 0, and the
+    password is ``redis.password`` (never in an address that logs and ``ps`` may show).
+    """
+    if not url.startswith(CLUSTER_SCHEME):
+        raise ValueError(f"redis.url {url!r} is not a {CLUSTER_SCHEME}host:port[,host:port] URL")
+    rest = url[len(CLUSTER_SCHEME):].rstrip("/")
+    if "@" in rest:
+        raise ValueError("redis.url: give a cluster's password as redis.password, not in the URL")
+    if any(mark in rest for mark in "/?#"):
+        raise ValueError(f"redis.url {url!r}: a cluster URL is host:port[,host:port] only "
+                         "(a cluster has one database, 0; no options)")
+    nodes = []
+    for part in rest.split(","):
+        host, sep, port = part.strip().rpartition(":")
+        host = host.strip("[]")  # an IPv6 address in brackets
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"redis.url {url!r}: {part.strip()!r} is not host:port")
+        nodes.append((host, int(port)))
+    return nodes
 
 
 class TopicSettings(Section):

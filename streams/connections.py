@@ -8,12 +8,14 @@ worker, through ``streams.app``), so the two can never disagree on what is verif
 from __future__ import annotations
 
 import ssl
-from typing import Any
+from typing import Any, cast
 
 import redis
+from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import RedisClusterException
 
 from schemas.errors import SluiceError
-from streams.config import KafkaSettings, RedisSettings
+from streams.config import KafkaSettings, RedisSettings, cluster_nodes
 
 
 def ssl_context(k: KafkaSettings) -> ssl.SSLContext | None:
@@ -60,7 +62,16 @@ def kafka_client_options(k: KafkaSettings) -> dict[str, Any]:
 
 
 def redis_client(settings: RedisSettings, **kwargs: Any) -> redis.Redis:
-    """A Redis client for the configured (or embedded) server; bytes in, bytes out."""
+    """A Redis client for the configured (or embedded) server; bytes in, bytes out.
+
+    For a ``redis+cluster://`` URL it is a ``redis.cluster.RedisCluster`` (it learns the
+    slots from the nodes named, so this call connects, and raises ``SluiceError`` when no
+    node answers). RedisCluster is no subclass of ``redis.Redis`` but has the same command
+    methods, pipelines, scripts and transactions, which is all the stores use; every key
+    that one script or transaction touches shares a hash tag (``agents.keys``).
+    """
+    if settings.cluster:
+        return _cluster_client(settings, **kwargs)
     return redis.Redis.from_url(
         settings.url,
         password=settings.password,
@@ -68,3 +79,15 @@ def redis_client(settings: RedisSettings, **kwargs: Any) -> redis.Redis:
         socket_keepalive=True,
         **kwargs,
     )
+
+
+def _cluster_client(settings: RedisSettings, **kwargs: Any) -> redis.Redis:
+    nodes = [ClusterNode(host, port) for host, port in cluster_nodes(settings.url)]
+    try:
+        client = RedisCluster(startup_nodes=nodes, password=settings.password,
+                              socket_keepalive=True, **kwargs)
+    except (RedisClusterException, redis.RedisError) as exc:
+        raise SluiceError(f"redis.url {settings.url}: no node of the Redis Cluster answers "
+                          f"as a cluster: {exc}") from exc
+    # The same command methods as redis.Redis (see the docstring above).
+    return cast(redis.Redis, client)

@@ -21,7 +21,9 @@ import pytest
 import yaml
 
 from sluice.cli import cli
+from sluice.redis_cluster import main as redis_cluster_main
 from sluice.settings import load_settings
+from streams.config import cluster_nodes
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -329,3 +331,54 @@ def test_docker_compose_reads_it_and_refuses_to_run_without_the_secrets(
     ports = {name: [_host_ip(p) for p in s.get("ports", [])] for name, s in resolved.items()}
     assert all(ip == "127.0.0.1" for ips in ports.values() for ip in ips), ports
     assert {"kafka", "redis", "prometheus", "grafana"} <= {n for n, ips in ports.items() if ips}
+
+
+CLUSTER_NODES = ("redis-node0", "redis-node1", "redis-node2")
+
+
+def test_the_cluster_profile_runs_three_persistent_locked_down_masters(
+        services: dict[str, dict[str, Any]]) -> None:
+    resolved = interpolated(services, SECRETS)
+    for name in CLUSTER_NODES:
+        node = resolved[name]
+        assert node["profiles"] == ["cluster"]
+        assert node["image"].startswith("redis:8")
+        words = _words(node["command"])
+        for flag, value in (("--cluster-enabled", "yes"), ("--appendonly", "yes"),
+                            ("--appendfsync", "always"),
+                            ("--requirepass", SECRETS["REDIS_PASSWORD"])):
+            assert words[words.index(flag) + 1] == value, (name, flag)
+        assert _environment(node)["REDISCLI_AUTH"] == SECRETS["REDIS_PASSWORD"]
+        assert [str(v).split(":", 1)[0] for v in node["volumes"]] == [f"{name}-data"]
+        assert [_host_ip(p) for p in node["ports"]] == ["127.0.0.1"]
+    # The default profile is untouched: one Redis, workers that use it.
+    assert "profiles" not in services["redis"] and "profiles" not in services["worker"]
+
+
+@pytest.mark.parametrize("name", ["redis-cluster-init", "worker-cluster"])
+def test_the_cluster_profile_forms_the_cluster_and_its_workers_use_it(
+        services: dict[str, dict[str, Any]], name: str, monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    service = services[name]
+    assert service["profiles"] == ["cluster"]
+    env = _read_env_file(ROOT / _env_files(service)[0])
+    env.update({k: interpolate(v, SECRETS) for k, v in _environment(service).items()})
+    for key in list(os.environ):
+        if key.startswith("SLUICE_"):
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings()
+    assert settings.redis.cluster
+    assert settings.redis.password == SECRETS["REDIS_PASSWORD"]
+    assert cluster_nodes(settings.redis.url) == [(n, 6379) for n in CLUSTER_NODES]
+    depends = service["depends_on"]
+    if name == "redis-cluster-init":
+        assert _words(service["command"]) == ["python", "-m", "sluice.redis_cluster"]
+        assert callable(redis_cluster_main)
+        assert all(depends[n]["condition"] == "service_healthy" for n in CLUSTER_NODES)
+    else:
+        assert _words(service["command"])[:2] == ["sluice", "worker"]
+        assert depends["redis-cluster-init"]["condition"] == "service_completed_successfully"
+        assert "redis" not in depends

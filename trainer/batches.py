@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,7 @@ from kafka import KafkaProducer
 from schemas.records import BatchSample, Feedback, SampleLoss
 from streams.serde import encode
 from trainer.evaluate import is_heldout
+from trainer.loss import WeightError, normalized_weights
 from trainer.models import IGNORE, BatchError, ModelPlugin, TrainBatch
 from trainer.source import SourcedBatch
 
@@ -39,8 +40,10 @@ class Prepared:
     """Held-out samples the model cannot collate, kept out of the evaluation set."""
 
 
-def prepare(plugin: ModelPlugin, holdout: float, item: SourcedBatch) -> Prepared:
-    """The prefetch thread's transform: split off held-out samples, collate the rest.
+def prepare(plugin: ModelPlugin, holdout: float, item: SourcedBatch, *,
+            weighted: bool = True) -> Prepared:
+    """The prefetch thread's transform: split off held-out samples, collate the rest, and
+    (``weighted``) attach each trained sample's importance weight.
 
     A batch the model cannot collate is skipped (never raised: the trainer would stop at
     the same batch after every restart); held-out samples it cannot collate are dropped,
@@ -63,12 +66,27 @@ def prepare(plugin: ModelPlugin, holdout: float, item: SourcedBatch) -> Prepared
     if not kept:
         return Prepared(item, None, heldout, "all_heldout", dropped)
     try:
-        return Prepared(item, plugin.collate(batch_id, kept), heldout, None, dropped)
+        train = plugin.collate(batch_id, kept)
+        if weighted:
+            train = _with_weights(train, kept)
+        return Prepared(item, train, heldout, None, dropped)
     except BatchError as exc:
         return _skip(item, "unusable", str(exc))
     except Exception as exc:  # a plugin's collate failing on this batch's content: skipping
         # it beats stopping the trainer at the same batch on every restart
         return _skip(item, "unusable", f"{type(exc).__name__} in collate: {exc}")
+
+
+def _with_weights(train: TrainBatch, kept: list[BatchSample]) -> TrainBatch:
+    """``train`` with the weight of each of its rows (by id: a plugin may reorder rows);
+    ``BatchError`` when they cannot weight a loss (a NaN weight would make the step NaN)."""
+    by_id = {s["id"]: s["weight"] for s in kept}
+    try:
+        weights = torch.tensor([float(by_id[i]) for i in train.ids], dtype=torch.float32)
+        normalized_weights(weights)
+    except (KeyError, WeightError) as exc:
+        raise BatchError(f"batch {train.batch_id}: weights: {exc}") from exc
+    return replace(train, weights=weights)
 
 
 def _collate_error(plugin: ModelPlugin, batch_id: str, samples: list[BatchSample]) -> str | None:

@@ -38,6 +38,11 @@ class TrainerSettings(Section):
     schedule: Literal["constant", "cosine"] = "constant"
     total_steps: int = Field(10_000, ge=1, description="cosine schedule length")
     label_smoothing: float = Field(0.1, ge=0, lt=1)
+    loss_weights: bool = Field(True, description="weight each sample's loss by the importance "
+                               "weight its batch carries (target share / natural share), "
+                               "normalized per batch to sum to the batch size, so re-balanced "
+                               "sampling does not shift the model's class priors; false: "
+                               "every sample counts the same")
     grad_clip: float = Field(1.0, gt=0)
     grad_accum: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=0, description="stop once this many optimizer "
@@ -53,6 +58,11 @@ class TrainerSettings(Section):
     idle_timeout_s: float | None = Field(None, ge=0, description="stop after this many seconds "
                                          "without a new batch; unset: wait for ever")
     prefetch: int = Field(4, ge=1, description="batches decoded and collated ahead of the step")
+    commit_every_s: float | None = Field(0.5, ge=0, description="commit the trained position "
+                                         "to group_id at most this often (advisory: a "
+                                         "restart resumes from its checkpoint); the balance "
+                                         "stage's pace = trainer follows it; unset: only at "
+                                         "checkpoints")
     # -- reporting --------------------------------------------------------------------------
     metrics_host: str = Field("127.0.0.1", description="address the Prometheus endpoint "
                               "(port metrics.trainer_port) listens on; it has no "

@@ -336,7 +336,7 @@ def test_fuzzy_maps_each_decision_to_an_outcome_in_order() -> None:
                                    ("c", None, None), ("d", None, None)]
     rec = outcomes[1].record
     assert (rec["stage"], rec["similarity"], rec["label"]) == ("fuzzy", 0.8125, "python")
-    assert rec["detail"] == "estimated Jaccard 0.812 ≥ 0.8"
+    assert rec["detail"] == "words: estimated Jaccard 0.812 ≥ 0.8"
     assert step.counters == {"in": 4, "out": 3, "rejected": 1, "rejected.near_duplicate": 1}
 
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,11 +21,15 @@ import redis
 from click.testing import CliRunner
 from kafka import KafkaProducer
 
+from schemas.errors import SluiceError
 from sluice.cli import cli
-from sluice.errors import StackError
+from sluice.errors import SettingsError, StackError
+from sluice.ports import free_port, free_port_block
+from sluice.redis_cluster import SLOTS, slot_ranges
 from sluice.settings import Settings, load_settings
-from sluice.stack import Stack
-from streams.connections import kafka_client_options
+from sluice.stack import Stack, with_redis_cluster
+from streams.config import cluster_nodes
+from streams.connections import kafka_client_options, redis_client
 from tests.conftest import stack_settings
 from tests.streams.kafka_io import consume_all
 
@@ -162,3 +169,107 @@ def test_embedded_redis_syncs_every_write_before_answering(client: redis.Redis) 
     config = {**client.config_get("appendonly"), **client.config_get("appendfsync")}
     assert {str(k): str(v) for k, v in config.items()} == {"appendonly": "yes",
                                                            "appendfsync": "always"}
+
+
+# -- the embedded Redis Cluster (`sluice up --redis-cluster N`) -----------------------------
+
+
+def test_slot_ranges_cover_every_slot_once() -> None:
+    for masters in (1, 2, 3, 7, 16):
+        ranges = slot_ranges(masters)
+        slots = [s for low, high in ranges for s in range(low, high + 1)]
+        assert slots == list(range(SLOTS))
+        sizes = [high - low + 1 for low, high in ranges]
+        assert max(sizes) - min(sizes) <= 1
+    with pytest.raises(ValueError, match="at least one master"):
+        slot_ranges(0)
+
+
+def test_cluster_settings_name_the_masters_and_refuse_bad_urls(tmp_path: Path) -> None:
+    settings = load_settings(state_dir=str(tmp_path), stack={"redis_cluster": 3,
+                                                             "redis_cluster_port": 7100})
+    assert settings.redis.url == "redis+cluster://127.0.0.1:7100,127.0.0.1:7101,127.0.0.1:7102"
+    assert settings.redis.cluster and settings.embedded
+    assert cluster_nodes("redis+cluster://a:1, [::1]:2/") == [("a", 1), ("::1", 2)]
+    for url, why in [("redis+cluster://a:1,b", "'b' is not host:port"),
+                     ("redis+cluster://:pw@a:1", "redis.password"),
+                     ("redis+cluster://a:1/2", "one database"),
+                     ("redis+cluster://a:99999", "not host:port")]:
+        with pytest.raises(SettingsError, match=re.escape(why)):
+            load_settings(state_dir=str(tmp_path), redis={"url": url})
+    with pytest.raises(SettingsError, match="cluster bus"):  # bus ports past 65535
+        load_settings(state_dir=str(tmp_path), stack={"redis_cluster": 3,
+                                                      "redis_cluster_port": 60000})
+    with pytest.raises(SettingsError, match="both port"):  # a master on the Kafka port
+        load_settings(state_dir=str(tmp_path), stack={"redis_cluster": 2, "kafka_port": 7001,
+                                                      "redis_cluster_port": 7000})
+
+
+def test_a_cluster_url_that_no_node_answers_is_a_clear_error(tmp_path: Path) -> None:
+    settings = load_settings(state_dir=str(tmp_path),
+                             redis={"url": f"redis+cluster://127.0.0.1:{free_port()}"})
+    with pytest.raises(SluiceError, match="no node of the Redis Cluster answers"):
+        redis_client(settings.redis)
+
+
+@pytest.mark.integration
+def test_cluster_lifecycle_up_down_up_through_the_cli(tmp_path: Path) -> None:
+    """`sluice up --redis-cluster 3` starts and forms three masters (and Kafka); a plain
+    `sluice down` stops them; `up` again finds the same cluster with its data (AOF and
+    nodes.conf), and the stores' client works on it."""
+    settings = _with_ports(stack_settings(str(tmp_path / "state")),
+                           redis_cluster_port=free_port_block(3))
+    runner = CliRunner()
+    key = f"test-stack:{uuid.uuid4().hex}"
+    clustered = with_redis_cluster(settings, 3)
+    try:
+        result = runner.invoke(cli, ["up", "--redis-cluster", "3"], obj=settings)
+        assert result.exit_code == 0, result.output
+        assert "redis+cluster://" in result.output
+        assert "SLUICE_STACK__REDIS_CLUSTER=3" in result.output
+        lines = [line.split()[:2] for line in result.output.splitlines()]
+        nodes = [line for line in lines if line and line[0].startswith("redis-node")]
+        assert nodes == [["redis-node0", "up"], ["redis-node1", "up"], ["redis-node2", "up"]]
+        ports = json.loads((settings.state_dir / "ports.json").read_text())
+        assert ports["redis_cluster"] == clustered.stack.redis_cluster_ports()
+        client = redis_client(clustered.redis)
+        for n in range(30):  # keys on every master
+            client.set(f"{key}:{n}", n)
+        client.close()
+        node0 = redis.Redis(port=clustered.stack.redis_cluster_port)
+        assert node0.config_get("appendfsync") == {"appendfsync": "always"}
+        node0.close()
+
+        # Idempotent: nothing new is started.
+        again = runner.invoke(cli, ["up", "--redis-cluster", "3"], obj=settings)
+        assert "redis  already running" in again.output, again.output
+        assert runner.invoke(cli, ["up", "--redis-cluster", "4"], obj=settings).exit_code == 1
+
+        down = runner.invoke(cli, ["down"], obj=settings)  # without the flag
+        assert "redis  stopped" in down.output, down.output
+        assert _processes_in(settings.state_dir) == []
+
+        assert Stack(clustered).up() == {"redis": True, "kafka": True}
+        client = redis_client(clustered.redis)
+        assert [client.get(f"{key}:{n}") for n in range(30)] == [
+            str(n).encode() for n in range(30)]
+        client.close()
+    finally:
+        Stack(settings).down()
+    assert _processes_in(settings.state_dir) == []
+
+
+@pytest.mark.integration
+def test_the_compose_init_command_finds_a_formed_cluster_ok(redis_cluster: Settings) -> None:
+    """`python -m sluice.redis_cluster` (docker-compose's redis-cluster-init) on masters that
+    already form the cluster of ``redis.url``: nothing to do, exit 0; on a URL that is not a
+    cluster's: a clear refusal."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
+    run = [sys.executable, "-m", "sluice.redis_cluster"]
+    done = subprocess.run(run, env=env | {"SLUICE_REDIS__URL": redis_cluster.redis.url},
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert f"Redis Cluster ok: {redis_cluster.redis.url}" in done.stdout
+    refused = subprocess.run(run, env=env | {"SLUICE_REDIS__URL": "redis://127.0.0.1:1/0"},
+                             capture_output=True, text=True, timeout=60, check=False)
+    assert refused.returncode == 1 and "not a redis+cluster:// URL" in refused.stderr

@@ -79,3 +79,12 @@ def test_a_model_option_without_a_value_is_a_usage_error(handed: list[TrainerCon
     result = CliRunner().invoke(cli, ["train", "--model-option", "dim"])
     assert result.exit_code == 2 and "KEY=VALUE" in result.output
     assert handed == []
+
+
+def test_loss_weights_are_on_unless_switched_off(handed: list[TrainerConfig],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    assert CliRunner().invoke(cli, ["train"]).exit_code == 0
+    assert CliRunner().invoke(cli, ["train", "--no-loss-weights"]).exit_code == 0
+    monkeypatch.setenv("SLUICE_TRAINER__LOSS_WEIGHTS", "false")
+    assert CliRunner().invoke(cli, ["train", "--loss-weights"]).exit_code == 0
+    assert [c.trainer.loss_weights for c in handed] == [True, False, True]

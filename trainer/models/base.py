@@ -40,6 +40,9 @@ class TrainBatch:
     ids: list[str]
     labels: list[str]
     inputs: dict[str, torch.Tensor]
+    weights: torch.Tensor | None = None
+    """Each row's importance weight as the batch carries it (float32, CPU); set by
+    ``trainer.batches.prepare`` after ``collate``, ``None`` when weights are switched off."""
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -1,0 +1,409 @@
+"""Recall of the dedup layers on edited copies of real code, per edit kind and per layer.
+
+``python -m bench.clones [--quick] [--semantic]``
+
+Corpus: real source files of this machine in six languages (Python from site-packages, C
+headers from /usr/include, Go from the Go toolchain's sources, JavaScript from node and
+/usr/share/javascript, Perl from /usr/share/perl, shell scripts from /usr and /etc), 1.5 to
+30 kB each, byte-identical files and minified ones (a line over 400 characters) left out,
+the language detected by ``streams.sources.detect_language`` as ``sluice produce`` does.
+
+Edits, each applied to a sample of the files (a copy the edit leaves unchanged, e.g. a
+strip of a file without comments, is not planted):
+
+- ``rename``: every identifier renamed consistently (a pygments ``Name`` token that is not a
+  builtin, as a refactoring tool renames: strings and comments untouched);
+- ``strip``: comments (not preprocessor lines or ``#!``) and docstrings removed;
+- ``rename+strip``: both;
+- ``reformat``: indentation halved (tabs to 4 spaces first), the space after commas removed;
+- ``reorder``: top-level blocks (a line at column 0 after a blank line starts one) shuffled,
+  the first (the file's header) kept in place;
+- ``edit``: a few lines deleted, a line of another file inserted, a line repeated
+  (``bench.common.near_copy``).
+
+For each edit kind, a fresh namespace receives every distinct file, then the copies, through
+sluice's own pipeline (``build_pipeline`` with stages ``ingest``; ``--semantic`` adds the
+``dedup`` stage and its model), in micro-batches of ``ingest.batch_size``. A copy's layer is
+the one that rejected it: exact digest, word-shingle MinHash (``words``), code-token MinHash
+(``code-tokens``), or the embedding (``semantic``). "Distinct dropped" is the share of the
+distinct files rejected as a duplicate of another one (they can be real near-copies: the
+JSON lists each with what it matched). The baseline is today's word layer: the recall of
+exact + words, and the ingest throughput with ``fuzzy.code.enabled = false``, both measured
+in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import re
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from itertools import zip_longest
+from pathlib import Path
+from typing import Any
+
+from pygments.lexer import Lexer
+from pygments.lexers import get_lexer_by_name
+from pygments.token import Comment, Name, String
+
+from bench.common import SITE, console, near_copy, private_redis, show, write_result
+
+ROOTS: dict[str, tuple[list[Path], tuple[str, ...]]] = {
+    "python": ([SITE], (".py",)),
+    "c": ([Path("/usr/include")], (".h",)),
+    "go": ([Path("/usr/local/go/src")], (".go",)),
+    "javascript": ([Path("/usr/lib/node_modules"), Path("/usr/share/javascript"),
+                    Path("/usr/share/nodejs")], (".js",)),
+    "perl": ([Path("/usr/share/perl"), Path("/usr/lib/x86_64-linux-gnu/perl")], (".pm", ".pl")),
+    "shell": ([Path("/usr/lib"), Path("/usr/share"), Path("/usr/local"), Path("/etc")],
+              (".sh",)),
+}
+EDITS = ("rename", "strip", "rename+strip", "reformat", "reorder", "edit")
+LAYERS = ("exact", "words", "code-tokens", "semantic")
+DUPLICATE_REASONS = {"exact_duplicate", "near_duplicate", "semantic_duplicate"}
+MIN_BYTES, MAX_BYTES, MAX_LINE = 1500, 30_000, 400
+
+
+# -- the corpus ------------------------------------------------------------------------------
+
+
+def language_files(language: str, limit: int, rng: random.Random) -> list[Path]:
+    """Up to ``limit`` files of ``language`` under its roots, sampled with ``rng``."""
+    roots, suffixes = ROOTS[language]
+    found: list[Path] = []
+    for root in roots:
+        if root.is_dir():
+            found.extend(p for p in root.rglob("*") if p.suffix in suffixes
+                         and "test" not in p.name and p.is_file()
+                         and MIN_BYTES <= p.stat().st_size <= MAX_BYTES)
+    found.sort()
+    rng.shuffle(found)
+    return found[: 4 * limit]  # more than needed: some are unreadable, minified or copies
+
+
+def corpus(per_language: int, seed: int) -> list[dict[str, Any]]:
+    """Distinct real files as events (id, source, kind, language, label, content), in
+    stream order: the languages interleaved."""
+    from streams.sources import detect_language
+
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    by_language: dict[str, list[dict[str, Any]]] = {}
+    for language in ROOTS:
+        picked = by_language.setdefault(language, [])
+        for path in language_files(language, per_language, rng):
+            if len(picked) == per_language:
+                break
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                continue
+            digest = hashlib.sha256(text.strip().encode()).hexdigest()
+            detected = detect_language(path, text[:200])
+            if (digest in seen or detected is None or detected[1] != "CODE"
+                    or max(map(len, text.splitlines() or [""])) > MAX_LINE):
+                continue
+            seen.add(digest)
+            picked.append({"id": f"{language}:{path}", "source": str(path), "kind": "CODE",
+                           "language": detected[0], "label": detected[0], "content": text})
+    groups = zip_longest(*by_language.values())
+    stream = [e for group in groups for e in group if e is not None]
+    return stream
+
+
+# -- the edits (the workload, not what is measured) ------------------------------------------
+
+
+def _lexer(language: str) -> Lexer:
+    return get_lexer_by_name(language, stripnl=False, ensurenl=False)
+
+
+def _tokens(text: str, language: str) -> list[tuple[Any, str]]:
+    return list(_lexer(language).get_tokens(text))
+
+
+def rename(text: str, language: str, rng: random.Random) -> str:
+    """Every identifier that is not a builtin renamed, consistently, to a fresh name."""
+    names: dict[str, str] = {}
+    out = []
+    for kind, value in _tokens(text, language):
+        if kind in Name and kind not in Name.Builtin and re.fullmatch(r"[$@%]?\w+", value):
+            sigil = value[0] if value[0] in "$@%" else ""
+            if value not in names:
+                names[value] = sigil + "".join(rng.choice("abcdefghijklmnopqrstuvwxyz")
+                                               for _ in range(rng.randint(3, 9)))
+            value = names[value]
+        out.append(value)
+    return "".join(out)
+
+
+def strip(text: str, language: str, rng: random.Random) -> str:
+    """Comments and docstrings removed; the blank lines they leave squeezed."""
+    out: list[str] = []
+    previous = None
+    for kind, value in _tokens(text, language):
+        if kind in String.Doc and previous is not None and previous in String.Affix:
+            out[-1] = ""  # the r of r"""…""" goes with its docstring
+        previous = kind
+        if kind in String.Doc or (kind in Comment and kind not in Comment.Preproc
+                                  and kind not in Comment.PreprocFile
+                                  and kind not in Comment.Hashbang):
+            # A line comment may carry its newline (pygments' C lexer): keep the newline.
+            value = "\n" if value.endswith("\n") else ""
+        out.append(value)
+    lines = [line.rstrip() for line in "".join(out).split("\n")]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip("\n") + "\n"
+
+
+def rename_strip(text: str, language: str, rng: random.Random) -> str:
+    """``strip`` then ``rename``."""
+    return rename(strip(text, language, rng), language, rng)
+
+
+def reformat(text: str, language: str, rng: random.Random) -> str:
+    """Indentation halved (tabs to 4 spaces first); no space after a comma."""
+    out = []
+    after_comma = False
+    for _, value in _tokens(text, language):
+        if not (after_comma and value == " "):
+            out.append(value)
+        after_comma = value == ","
+    lines = []
+    for line in "".join(out).split("\n"):
+        body = line.lstrip(" \t")
+        indent = line[: len(line) - len(body)].replace("\t", "    ")
+        lines.append(" " * (len(indent) // 2) + body)
+    return "\n".join(lines)
+
+
+def _inside_tokens(text: str, language: str) -> set[int]:
+    """Line numbers that begin inside a multi-line token (a block comment, a string, a
+    heredoc, POD): no definition starts there."""
+    inside: set[int] = set()
+    line = 0
+    for _, value in _tokens(text, language):
+        breaks = value.count("\n")
+        # Lines after the token's first break and up to its last start inside it, unless
+        # the token ends exactly at a line's end (whitespace, a line comment's newline).
+        last = breaks - 1 if value.endswith("\n") else breaks
+        inside.update(range(line + 1, line + last + 1))
+        line += breaks
+    return inside
+
+
+def reorder(text: str, language: str, rng: random.Random) -> str:
+    """Top-level blocks shuffled, the header block (and anything after a Perl
+    ``__END__``/``__DATA__``) kept in place. A block starts at a line at column 0, after a
+    blank line, outside any comment or string."""
+    lines = text.split("\n")
+    tail: list[str] = []
+    for k, line in enumerate(lines):
+        if line.strip() in ("__END__", "__DATA__"):
+            lines, tail = lines[:k], lines[k:]
+            break
+    inside = _inside_tokens("\n".join(lines), language)
+    blocks: list[list[str]] = [[]]
+    for k, line in enumerate(lines):
+        starts = (k > 0 and not lines[k - 1].strip() and line[:1].strip() != ""
+                  and k not in inside
+                  and not line.startswith(("}", ")", "]", "end", "fi", "esac", "done")))
+        if starts and blocks[-1]:
+            blocks.append([])
+        blocks[-1].append(line)
+    head, rest = blocks[0], blocks[1:]
+    rng.shuffle(rest)
+    for block in rest:  # each block ends with its blank separator line
+        if block[-1].strip():
+            block.append("")
+    body = "\n".join(head + [line for block in rest for line in block]).rstrip("\n")
+    return body + "\n" + ("\n".join(tail) if tail else "")
+
+
+def edit(text: str, language: str, rng: random.Random, donor: str = "") -> str:
+    """A few lines deleted, one of another file inserted, one repeated."""
+    return near_copy(text, rng, donor)
+
+
+EDITORS: dict[str, Callable[..., str]] = {
+    "rename": rename, "strip": strip, "rename+strip": rename_strip, "reformat": reformat,
+    "reorder": reorder, "edit": edit}
+
+
+def planted(originals: list[dict[str, Any]], kind: str, seed: int) -> list[dict[str, Any]]:
+    """One edited copy per original (``kind``), skipping edits that change nothing."""
+    rng = random.Random(f"{seed}:{kind}")
+    copies = []
+    for k, original in enumerate(originals):
+        text, language = original["content"], original["language"]
+        args: dict[str, Any] = {}
+        if kind == "edit":
+            args["donor"] = originals[(k + 1) % len(originals)]["content"]
+        copy = EDITORS[kind](text, language, rng, **args)
+        if copy.split() == text.split():  # a no-op edit (nothing to strip, one block…)
+            continue
+        copies.append({**original, "id": f"{kind}:{original['id']}", "content": copy,
+                       "source": original["source"], "original": original["id"]})
+    return copies
+
+
+# -- running the product ---------------------------------------------------------------------
+
+
+def layer_of(outcome: Any) -> str | None:
+    """Which layer rejected an outcome as a duplicate (None: kept, or another reason)."""
+    reason = outcome.reason
+    if reason == "exact_duplicate":
+        return "exact"
+    if reason == "semantic_duplicate":
+        return "semantic"
+    if reason == "near_duplicate":
+        return str(outcome.record["detail"]).split(":", 1)[0]
+    return None
+
+
+def run_pipeline(client: Any, settings: Any, events: list[dict[str, Any]], semantic: bool,
+                 embedder: Any = None) -> tuple[list[Any], float, dict[str, float]]:
+    """The events through ``build_pipeline`` in micro-batches, in a fresh namespace;
+    (outcomes, seconds, seconds per step)."""
+    from agents.pipeline import build_pipeline
+    from agents.step import Coords, Item
+
+    stages = ["ingest", "dedup"] if semantic else ["ingest"]
+    pipeline = build_pipeline(settings, client, stages=stages, namespace=uuid.uuid4().hex,
+                              embedder=embedder)
+    fields = ("id", "source", "kind", "language", "label", "content")
+    batch = settings.ingest.batch_size
+    outcomes: list[Any] = []
+    started = time.perf_counter()
+    for start in range(0, len(events), batch):
+        items = [Item(json.dumps({f: e[f] for f in fields}).encode(),
+                      Coords("bench", 0, start + k))
+                 for k, e in enumerate(events[start:start + batch])]
+        outcomes.extend(pipeline.run(items))
+    return outcomes, time.perf_counter() - started, pipeline.seconds()
+
+
+def run(quick: bool, semantic: bool, seed: int = 0) -> dict[str, Any]:
+    """Every edit kind in its own namespace; the table and bench/results/clones[-quick].json."""
+    from sluice.settings import load_settings
+
+    per_language, planted_per_language = (25, 10) if quick else (100, 40)
+    distinct = corpus(per_language, seed)
+    languages = Counter(e["language"] for e in distinct)
+    settings = load_settings(dedup={"enabled": semantic, "torch_threads": 1})
+    embedder = None
+    if semantic:
+        from agents.pipeline import load_embedder
+
+        embedder = load_embedder(settings)
+    baseline_settings = load_settings(dedup={"enabled": False},
+                                      fuzzy={"code": {"enabled": False}})
+
+    rows, per_kind = [], {}
+    dropped: dict[str, Any] = {}
+    throughput: dict[str, float] = {}
+    with private_redis() as client:
+        base, base_s, _ = run_pipeline(client, baseline_settings, distinct, False)
+        throughput["words only"] = len(distinct) / base_s
+        # Copies are planted only of files the pipeline admits: a copy of a file that the
+        # quality rules reject says nothing about the dedup layers.
+        admitted = [e for e, o in zip(distinct, base, strict=True) if not o.rejected]
+        sample = [e for lang in languages for e in
+                  [d for d in admitted if d["language"] == lang][:planted_per_language]]
+        console.print(f"{len(distinct)} distinct files ({dict(languages)}), "
+                      f"{len(admitted)} admitted; copies of {len(sample)} per edit kind")
+        for kind in EDITS:
+            copies = planted(sample, kind, seed)
+            outcomes, seconds, parts = run_pipeline(client, settings, distinct + copies,
+                                                    semantic, embedder)
+            head, tail = outcomes[: len(distinct)], outcomes[len(distinct):]
+            if kind == EDITS[0]:
+                throughput["words + code"] = len(distinct + copies) / (
+                    seconds - parts.get("semantic", 0.0) - parts.get("embed", 0.0)
+                    - parts.get("admit", 0.0))
+                dropped = drops(distinct, head)
+                quality_distinct = sum(bool(o.reason and o.reason.startswith("quality"))
+                                       for o in head)
+            by_layer = Counter(layer_of(o) for o in tail)
+            of_original = sum(layer_of(o) is not None and o.record["duplicate_of"] ==
+                              c["original"] for o, c in zip(tail, copies, strict=True))
+            quality = sum(bool(o.reason and o.reason.startswith("quality")) for o in tail)
+            n = len(copies)
+            recall = {layer: by_layer[layer] / max(n, 1) for layer in LAYERS}
+            caught = sum(by_layer[layer] for layer in LAYERS)
+            baseline = (by_layer["exact"] + by_layer["words"]) / max(n, 1)
+            per_kind[kind] = {"copies": n, "caught": caught, "recall": caught / max(n, 1),
+                              "baseline_recall": baseline, "by_layer": recall,
+                              "of_original": of_original, "quality_rejected": quality,
+                              "seconds": seconds, "by_language": by_language(copies, tail)}
+            rows.append([kind, n, recall["exact"], recall["words"], recall["code-tokens"],
+                         *([recall["semantic"]] if semantic else []), baseline,
+                         caught / max(n, 1), f"{caught / max(n * baseline, 1):.2f}x", quality])
+    columns = ["edit", "copies", "exact", "words", "code-tokens",
+               *(["semantic"] if semantic else []), "exact+words (baseline)", "recall",
+               "vs baseline", "quality drops"]
+    show("Share of planted copies caught, by the layer that caught them", columns, rows)
+    share = dropped["count"] / len(distinct)
+    show("Distinct files dropped as duplicates", ["layer", "files", "share"],
+         [[layer, n, n / len(distinct)] for layer, n in dropped["by_layer"].items()]
+         + [["all", dropped["count"], share]])
+    show("Ingest throughput on the distinct files (one core)", ["pipeline", "files/s", "ratio"],
+         [["exact + words (baseline)", throughput["words only"], 1.0],
+          ["exact + words + code", throughput["words + code"],
+           throughput["words + code"] / throughput["words only"]]])
+    goal = {"rename>=0.95": per_kind["rename"]["recall"] >= 0.95,
+            "strip>=0.95": per_kind["strip"]["recall"] >= 0.95,
+            "rename+strip>=0.95": per_kind["rename+strip"]["recall"] >= 0.95,
+            "reorder>=0.85": per_kind["reorder"]["recall"] >= 0.85,
+            "distinct_dropped<=0.01": share <= 0.01}
+    console.print(f"goal: {goal}")
+    payload = {"distinct_files": len(distinct), "languages": dict(languages),
+               "planted_from": len(sample), "semantic": semantic, "edits": per_kind,
+               "distinct_dropped": {**dropped, "share": share},
+               "distinct_quality_rejected": quality_distinct,
+               "files_per_s": throughput, "goal": goal,
+               "settings": {"fuzzy": settings.fuzzy.model_dump()}}
+    write_result("clones", quick, payload)
+    return payload
+
+
+def drops(distinct: list[dict[str, Any]], outcomes: list[Any]) -> dict[str, Any]:
+    """The distinct files rejected as duplicates: count, by layer, and each with its match."""
+    listed = []
+    for event, outcome in zip(distinct, outcomes, strict=True):
+        layer = layer_of(outcome)
+        if layer is not None:
+            listed.append({"id": event["id"], "layer": layer,
+                           "duplicate_of": outcome.record["duplicate_of"],
+                           "similarity": outcome.record["similarity"],
+                           "detail": outcome.record["detail"]})
+    return {"count": len(listed), "by_layer": dict(Counter(d["layer"] for d in listed)),
+            "files": listed}
+
+
+def by_language(copies: list[dict[str, Any]], outcomes: list[Any]) -> dict[str, Any]:
+    """Copies and caught copies per language."""
+    out: dict[str, dict[str, int]] = {}
+    for copy, outcome in zip(copies, outcomes, strict=True):
+        entry = out.setdefault(copy["language"], {"copies": 0, "caught": 0})
+        entry["copies"] += 1
+        entry["caught"] += layer_of(outcome) is not None
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes: about a minute")
+    parser.add_argument("--semantic", action="store_true",
+                        help="also the embedding layer (slow on CPU)")
+    args = parser.parse_args(argv)
+    run(args.quick, args.semantic)
+
+
+if __name__ == "__main__":
+    main()
