@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+from typing import Any, cast
 
 import avro.schema
+import fastavro
 
 SCHEMA_DIR = Path(__file__).parent
 NAMES = (
@@ -61,6 +63,9 @@ class SchemaVersion:
     # The same schema without logical-type annotations: sluice handles timestamps as int
     # milliseconds, and the annotations change neither the bytes nor the fingerprint.
     plain: avro.schema.RecordSchema
+    # ``plain`` parsed once by fastavro: the codec of the hot paths (``streams.serde``).
+    # The avro package above stays the authority for the fingerprint and canonical form.
+    parsed: dict[str, Any] = field(repr=False, compare=False)
 
     @property
     def canonical_form(self) -> str:
@@ -81,14 +86,18 @@ def _parse(path: Path) -> SchemaVersion:
     name, _, version = stem.rpartition(".v")
     text = path.read_text(encoding="utf-8")
     schema = avro.schema.parse(text)
-    plain = avro.schema.parse(json.dumps(_strip_logical(json.loads(text))))
+    plain_json = _strip_logical(json.loads(text))
+    plain = avro.schema.parse(json.dumps(plain_json))
     assert isinstance(schema, avro.schema.RecordSchema), path
     assert isinstance(plain, avro.schema.RecordSchema), path
     # The fingerprint is taken over the plain schema's canonical form: the avro package
     # writes an annotated primitive as {"type":"long"}, where the specification (and the
     # Java, Go and Rust libraries) write "long"; only the latter interoperates.
     fingerprint = struct.pack("<Q", crc64_avro(plain.canonical_form.encode("utf-8")))
-    return SchemaVersion(name, int(version), schema, fingerprint, plain)
+    # Without logical types fastavro yields timestamps as int milliseconds, as avro does.
+    parsed = fastavro.parse_schema(cast(dict[str, Any], plain_json))
+    assert isinstance(parsed, dict), path
+    return SchemaVersion(name, int(version), schema, fingerprint, plain, parsed)
 
 
 @cache

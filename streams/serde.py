@@ -4,6 +4,12 @@ Wire format (Avro specification, "Single-object encoding"): ``C3 01``, the 8-byt
 little-endian CRC-64-AVRO fingerprint of the writer schema's Parsing Canonical Form, then
 the Avro binary body. Readers find the writer schema among every version kept in
 ``schemas/`` and resolve it to the latest version of the expected record type.
+
+Two codecs write and read the body. ``encode``/``decode`` use fastavro (C): they are the
+hot paths of the producer, the worker's Faust codec and the trainer. ``encode_reference``/
+``decode_reference`` use the avro package, the schema authority (it also computes the
+fingerprints and canonical forms in ``schemas``); ``tests/schemas/test_codec_equivalence.py``
+proves the two write the same bytes and read each other's, for every schema and version.
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ from typing import Any, cast
 
 import avro.errors
 import avro.io
+import fastavro
+from fastavro.read import SchemaResolutionError
+from fastavro.validation import ValidationError, validate
 
 import schemas
 from schemas.errors import SluiceError
@@ -27,6 +36,18 @@ MAGIC = b"\xc3\x01"
 HEADER_LEN = 10
 KINDS = ("CODE", "TEXT")
 LONG_MIN, LONG_MAX = -(2**63), 2**63 - 1
+
+# What fastavro's writer raises for a record that does not fit (a missing field, a wrong
+# type, an unknown enum symbol, an int past 64 bits, a lone surrogate in a string).
+_ENCODE_ERRORS = (ValidationError, ValueError, TypeError, OverflowError, KeyError,
+                  AttributeError)
+# What fastavro's reader raises on corrupt or truncated bytes: EOFError (the body ends
+# early), ValueError (a negative length, a bad union or enum index), StopIteration and
+# IndexError (an index past a list), TypeError, OverflowError and MemoryError (a length or
+# count from random bytes), KeyError, struct.error, and SchemaResolutionError. Each becomes
+# ``undecodable``; UnicodeDecodeError (a ValueError) is caught first as ``invalid_utf8``.
+_DECODE_ERRORS = (EOFError, ValueError, StopIteration, IndexError, TypeError, OverflowError,
+                  MemoryError, KeyError, struct_error, SchemaResolutionError)
 
 
 class DecodeError(SluiceError):
@@ -42,33 +63,32 @@ class EncodeError(SluiceError):
     """A record that does not fit its schema (a bug in the writer, never user input)."""
 
 
-@cache
-def _writer(name: str) -> avro.io.DatumWriter:
-    return avro.io.DatumWriter(schemas.latest(name).plain)
-
-
-@cache
-def _reader(writer_fp: bytes, reader_name: str) -> avro.io.DatumReader:
-    writer = schemas.by_fingerprint()[writer_fp]
-    return avro.io.DatumReader(writer.plain, schemas.latest(reader_name).plain)
+def _version(name: str, version: int | None) -> schemas.SchemaVersion:
+    if version is None:
+        return schemas.latest(name)
+    return next(v for v in schemas.versions(name) if v.version == version)
 
 
 def encode(name: str, record: Any, version: int | None = None) -> bytes:
     """Encode ``record`` (a dict) as single-object Avro with the latest ``name`` schema.
 
-    ``version`` picks an older schema version (used to test evolution).
+    ``version`` picks an older schema version (used to test evolution). A record that
+    does not fit the schema raises ``EncodeError``.
     """
-    if version is None:
-        chosen, writer = schemas.latest(name), _writer(name)
-    else:
-        chosen = next(v for v in schemas.versions(name) if v.version == version)
-        writer = avro.io.DatumWriter(chosen.plain)
+    chosen = _version(name, version)
     buf = io.BytesIO()
     buf.write(MAGIC)
     buf.write(chosen.fingerprint)
     try:
-        writer.write(record, avro.io.BinaryEncoder(buf))
-    except avro.errors.AvroException as exc:
+        # fastavro's writer alone would truncate a float written to a long and write an
+        # int past 32 bits into an int field; its (C) validation refuses both, as the avro
+        # package does. Asked for a bool it costs a sixth of raise_errors=True, which builds
+        # (and formats) an exception for every union branch that does not match: it is
+        # asked again for the message only when the record does not fit.
+        if not validate(record, chosen.parsed, raise_errors=False):
+            validate(record, chosen.parsed, raise_errors=True)
+        fastavro.schemaless_writer(buf, chosen.parsed, record)
+    except _ENCODE_ERRORS as exc:
         raise EncodeError(f"{name}: {exc}") from exc
     return buf.getvalue()
 
@@ -80,25 +100,75 @@ def decode(data: bytes | None, name: str) -> dict[str, Any]:
     single-object Avro, truncated, corrupt), ``unknown_schema`` (fingerprint not among known
     versions, or another record type) or ``invalid_utf8``.
     """
+    writer = _writer_of(data, name)
+    reader = schemas.latest(name)
+    body = io.BytesIO(cast(bytes, data))
+    body.seek(HEADER_LEN)
+    try:
+        record = fastavro.schemaless_reader(
+            body, writer.parsed, None if writer is reader else reader.parsed)
+    except UnicodeDecodeError as exc:
+        raise DecodeError("invalid_utf8", f"a string field is not UTF-8: {exc}") from exc
+    except _DECODE_ERRORS as exc:
+        raise DecodeError("undecodable", f"corrupt or truncated {name} body: {exc!r}") from exc
+    if body.tell() != len(cast(bytes, data)):
+        raise DecodeError("undecodable", "trailing bytes after the Avro body")
+    return cast(dict[str, Any], record)
+
+
+def _writer_of(data: bytes | None, name: str) -> schemas.SchemaVersion:
+    """The writer schema named by the header of ``data``, a version of ``name``."""
     if data is None:
         raise DecodeError("tombstone", "a null value (tombstone)")
     if len(data) < HEADER_LEN or data[:2] != MAGIC:
         raise DecodeError("undecodable", "not Avro single-object encoding (no C3 01 marker)")
-    fingerprint = data[2:HEADER_LEN]
+    fingerprint = bytes(data[2:HEADER_LEN])
     known = schemas.by_fingerprint().get(fingerprint)
     if known is None:
         raise DecodeError("unknown_schema", f"writer fingerprint {fingerprint.hex()} is unknown")
     if known.name != name:
         raise DecodeError("unknown_schema", f"expected {name}, got {known.name} v{known.version}")
-    body = io.BytesIO(data[HEADER_LEN:])
+    return known
+
+
+# -- the reference codec: the avro package --------------------------------------------------
+
+
+@cache
+def _reference_reader(writer_fp: bytes, reader_name: str) -> avro.io.DatumReader:
+    writer = schemas.by_fingerprint()[writer_fp]
+    return avro.io.DatumReader(writer.plain, schemas.latest(reader_name).plain)
+
+
+def encode_reference(name: str, record: Any, version: int | None = None) -> bytes:
+    """``encode`` with the avro package's writer: the same bytes, about ten times slower.
+
+    The schema authority's reading of the specification, kept to check ``encode``
+    against (tests, ``bench.produce``'s baseline).
+    """
+    chosen = _version(name, version)
+    buf = io.BytesIO()
+    buf.write(MAGIC)
+    buf.write(chosen.fingerprint)
     try:
-        record = _reader(fingerprint, name).read(avro.io.BinaryDecoder(body))
+        avro.io.DatumWriter(chosen.plain).write(record, avro.io.BinaryEncoder(buf))
+    except avro.errors.AvroException as exc:
+        raise EncodeError(f"{name}: {exc}") from exc
+    return buf.getvalue()
+
+
+def decode_reference(data: bytes | None, name: str) -> dict[str, Any]:
+    """``decode`` with the avro package's reader and its schema resolution rules."""
+    writer = _writer_of(data, name)
+    body = io.BytesIO(cast(bytes, data)[HEADER_LEN:])
+    try:
+        record = _reference_reader(writer.fingerprint, name).read(avro.io.BinaryDecoder(body))
     except UnicodeDecodeError as exc:
         raise DecodeError("invalid_utf8", f"a string field is not UTF-8: {exc}") from exc
     except (avro.errors.AvroException, EOFError, ValueError, IndexError, TypeError,
             struct_error) as exc:
         raise DecodeError("undecodable", f"corrupt or truncated {name} body: {exc!r}") from exc
-    if body.tell() != len(data) - HEADER_LEN:
+    if body.tell() != len(cast(bytes, data)) - HEADER_LEN:
         raise DecodeError("undecodable", "trailing bytes after the Avro body")
     return cast(dict[str, Any], record)
 

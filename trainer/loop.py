@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from kafka import KafkaProducer
 
 from schemas.records import BatchSample
@@ -37,8 +36,9 @@ from trainer.checkpoint import CheckpointStore, StartRecord
 from trainer.config import TrainerConfig, TrainerSettings
 from trainer.errors import TrainerError
 from trainer.evaluate import EvalSet, evaluate, load_eval_jsonl
+from trainer.loss import batch_loss
 from trainer.metrics import TrainerMetrics
-from trainer.models import IGNORE, ModelPlugin, TrainBatch
+from trainer.models import ModelPlugin, TrainBatch
 from trainer.prefetch import Prefetcher
 from trainer.run_state import Learner, build_model, resume, save_checkpoint
 from trainer.source import KafkaBatchSource, SourcedBatch
@@ -59,6 +59,8 @@ class TrainResult:
     batches: int = 0
     wall_s: float = 0.0
     wait_s: float = 0.0
+    startup_s: float = 0.0
+    """Of ``wait_s``, the wait for the first batch (the source connecting and seeking)."""
     loss: float | None = None
     eval: dict[str, float] = field(default_factory=dict)
 
@@ -69,8 +71,10 @@ class TrainResult:
 
     @property
     def data_wait_share(self) -> float:
-        """Share of loop wall time spent waiting for the next batch."""
-        return self.wait_s / self.wall_s if self.wall_s else 0.0
+        """Share of loop wall time spent waiting for the next batch, once the first came
+        (the start-up wait says how fast the source connects, not whether it keeps up)."""
+        running = self.wall_s - self.startup_s
+        return (self.wait_s - self.startup_s) / running if running > 0 else 0.0
 
 
 def train(config: TrainerConfig, stop: threading.Event | None = None) -> TrainResult:
@@ -106,7 +110,8 @@ def train(config: TrainerConfig, stop: threading.Event | None = None) -> TrainRe
         fixed_eval = load_eval_jsonl(cfg.eval_file) if cfg.eval_file else None
         holdout = 0.0 if fixed_eval is not None else cfg.holdout_fraction
         eval_set = EvalSet(cfg.eval_samples)
-        prefetch = Prefetcher(source, partial(prepare, plugin, holdout), depth=cfg.prefetch)
+        prefetch = Prefetcher(source, partial(prepare, plugin, holdout,
+                                              weighted=cfg.loss_weights), depth=cfg.prefetch)
         prefetch.start()
         cleanup.callback(prefetch.close)
 
@@ -120,6 +125,7 @@ def train(config: TrainerConfig, stop: threading.Event | None = None) -> TrainRe
         if world.main:
             metrics.serve(config.metrics.trainer_port, cfg.metrics_host)
         next_report = time.monotonic() + config.metrics.interval_s
+        next_commit = time.monotonic()
 
         # -- the loop ----------------------------------------------------------------------
         result = TrainResult(run.step, run.step, ckpt.path if ckpt else None, None, "max_steps")
@@ -148,10 +154,8 @@ def train(config: TrainerConfig, stop: threading.Event | None = None) -> TrainRe
             for batch in trainable:
                 with autocast(device, amp_dtype):
                     out = plugin.forward(batch, device)
-                    loss = F.cross_entropy(
-                        out.logits, out.targets, ignore_index=IGNORE,
-                        label_smoothing=cfg.label_smoothing,
-                    )
+                    # batch.weights is None when trainer.loss_weights is off (see prepare)
+                    loss = batch_loss(out, batch.weights, cfg.label_smoothing)
                 scaler.scale(loss / cfg.grad_accum).backward()
                 with torch.no_grad():
                     outcomes.append(per_sample(out.logits.float(), out.targets, out.owner,
@@ -173,6 +177,11 @@ def train(config: TrainerConfig, stop: threading.Event | None = None) -> TrainRe
                 consumed = [c for part in distributed.gather(consumed, world) for c in part]
             run.lineage.extend(consumed)
             run.trained = prefetch.state_dict()
+            if cfg.commit_every_s is not None and time.monotonic() >= next_commit:
+                # Advisory, between checkpoints: the balance stage paces its batches by this
+                # position (balance.pace = trainer), and Kafka's lag tools show it.
+                source.commit(run.trained["offsets"])
+                next_commit = time.monotonic() + cfg.commit_every_s
             loss_value = float(step_loss)
             correct = positions = samples = 0
             for batch, (losses, right, count) in zip(trainable, outcomes, strict=True):
@@ -219,6 +228,7 @@ def train(config: TrainerConfig, stop: threading.Event | None = None) -> TrainRe
         # -- a clean stop: the final checkpoint, evaluation and report ---------------------
         result.wall_s = time.perf_counter() - loop_started
         result.wait_s = prefetch.wait_s
+        result.startup_s = prefetch.startup_s
         result.step = run.step
         if run.step > run.last_saved:
             saved = save_checkpoint(store, learner, run, cfg, source, world, metrics)

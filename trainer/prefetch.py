@@ -42,7 +42,10 @@ class Prefetcher(Generic[T, U]):
 
     ``get()`` returns the next item, or ``None`` once the source is exhausted or ``stop``
     is set. An exception raised by the source or the transform is raised again in
-    ``get()``. ``wait_s`` is the total time ``get()`` spent blocked.
+    ``get()``. ``wait_s`` is the total time ``get()`` spent blocked; ``startup_s`` is the
+    part of it spent on the first item, which the source spends connecting, seeking and
+    making its first fetch (or, reading only new data, waiting for the first to be
+    written): a start-up cost, not a stall of a running data path.
     """
 
     def __init__(
@@ -62,6 +65,8 @@ class Prefetcher(Generic[T, U]):
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._state = self._state_of.state_dict() if self._state_of is not None else {}
         self.wait_s = 0.0
+        self.startup_s = 0.0
+        self._started = False
 
     def start(self) -> Prefetcher[T, U]:
         """Start the background thread (once)."""
@@ -74,7 +79,7 @@ class Prefetcher(Generic[T, U]):
 
     def get(self, stop: threading.Event | None = None) -> U | None:
         """The next item; ``None`` when the source is done or ``stop`` is set."""
-        started = time.perf_counter()
+        started, first = time.perf_counter(), not self._started
         try:
             while True:
                 if stop is not None and stop.is_set():
@@ -91,9 +96,13 @@ class Prefetcher(Generic[T, U]):
                 if isinstance(item, _Failure):
                     raise item.error
                 self._state = item.state
+                self._started = True
                 return item.value
         finally:
-            self.wait_s += time.perf_counter() - started
+            waited = time.perf_counter() - started
+            self.wait_s += waited
+            if first:
+                self.startup_s += waited
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop the thread (and the source, if it has ``stop()``) and wait for it."""
