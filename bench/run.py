@@ -15,7 +15,7 @@ import time
 
 from bench.common import REPO_ROOT, console
 
-BENCHMARKS = ("embed", "index", "peers", "pipeline")
+BENCHMARKS = ("embed", "index", "peers", "pipeline", "clones", "produce")
 
 
 def main(argv: list[str] | None = None) -> int:
