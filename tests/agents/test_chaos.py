@@ -226,13 +226,9 @@ def crew(stack: Settings, tmp_path: Path) -> Iterator[Crew]:
         group.stop()
 
 
-# Known open loss, kept visible rather than skipped: in 2 of 3 runs (and once in 1,202 events
-# of the 10-minute `bench.churn`) a partition newly assigned after a SIGKILL dropped the
-# record at its committed offset and committed past it (faust-streaming 0.15.3: its
-# consumer treats the committed offset as the last record processed). strict=False: the
-# run that passes shows as XPASS, the one that loses shows as XFAIL with the evidence.
-@pytest.mark.xfail(strict=False, reason="open: a rebalance can ack the first record of a "
-                   "newly assigned partition without an outcome (issue 10 closing note)")
+# Before streams.offsets, 2 of 3 runs of this test (and 1 in 1,202 events of the 10-minute
+# bench.churn) lost the record at a reassigned partition's committed offset: faust-streaming
+# acked records skipped after a rebalance and committed past the committed offset.
 def test_rebalance_churn_while_producing_loses_nothing(crew: Crew) -> None:
     """Three workers of one group on six partitions; while events arrive at a steady rate,
     the oldest worker is SIGKILLed and a new one started, twice. Each kill and each join
