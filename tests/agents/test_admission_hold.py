@@ -1,7 +1,7 @@
-"""The semantic index's admission script holds the whole Redis while it runs (issue 10,
-finding 9): what one call may do is bounded by the settings, and the dedup agent publishes
-the longest recent hold as the gauge ``admit.hold_s.max`` (Prometheus
-``sluice_admit_hold_s_max``).
+"""The semantic index never runs its HNSW work inside a script (issue 12): its atomic
+calls are the short registration and trim scripts, what one call may do is bounded by the
+settings, and the dedup agent publishes the longest recent one as the gauge
+``admit.hold_s.max`` (Prometheus ``sluice_admit_hold_s_max``).
 """
 
 from __future__ import annotations
@@ -62,5 +62,7 @@ def test_the_dedup_worker_publishes_the_longest_admission_hold(
         assert reader.wait_until(lambda r: ADMIT_HOLD_MAX_S in latest_snapshot(
             r, "dedup")["gauges"], 30.0), worker.log_tail()
         hold_s = latest_snapshot(reader, "dedup")["gauges"][ADMIT_HOLD_MAX_S]
-    assert 0 < hold_s < 5.0
+    # A round trip of the registration script (4 items): milliseconds, even on a busy
+    # shared machine; the old whole-batch script took 30-120 ms.
+    assert 0 < hold_s < 0.5
     print(f"\n[hold] dedup publishes {ADMIT_HOLD_MAX_S} = {hold_s * 1000:.1f} ms")

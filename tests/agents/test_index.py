@@ -100,7 +100,7 @@ def test_score_cosine_conversion_is_affine_and_inverse() -> None:
     assert score_to_cosine(0.0) == -1.0
     for cos in (-1.0, -0.3, 0.0, 0.5, 0.97, 1.0):
         assert score_to_cosine(cosine_to_score(cos)) == pytest.approx(cos, abs=1e-15)
-    assert vset_key("ns") == "sluice:ns:vset"
+    assert vset_key("ns") == "sluice:{ns:vset}:set"  # tagged: one slot with what is beside it
 
 
 @pytest.mark.integration
@@ -133,6 +133,38 @@ def test_vsim_score_is_half_of_one_plus_cosine(
         assert max(errors) < tolerance
     finally:
         client.delete(key)
+
+
+@pytest.mark.integration
+def test_fp32_rescoring_decides_where_int8_is_on_the_wrong_side(
+        client: redis.Redis, corpus: Corpus) -> None:
+    """A pair whose int8 VSIM cosine and FP32 cosine straddle the threshold: the FP32
+    cosine decides, whichever way int8 errs."""
+    namespace = f"test-{uuid.uuid4().hex}"
+    probe = VectorIndex(client, namespace, DedupSettings(threshold=1.0))
+    try:
+        stored = corpus.lines[0]
+        probe.admit(["stored"], stored[None])
+        gaps = []
+        for j, query in enumerate(corpus.lines[1:], start=1):
+            reply = client.execute_command("VSIM", probe.key, "FP32",
+                                           query.astype("<f4").tobytes(), "WITHSCORES")
+            scores = dict(zip(reply[::2], reply[1::2], strict=True)) if isinstance(
+                reply, list) else reply
+            int8 = score_to_cosine(float(next(iter(scores.values()))))
+            gaps.append((abs(int8 - float(stored @ query)), j, int8))
+        gap, j, int8 = max(gaps)
+        fp32 = float(stored @ corpus.lines[j])
+        assert gap > 2e-4, "int8 was never far enough off to test the rescoring"
+        threshold = (int8 + fp32) / 2  # int8 and FP32 on opposite sides of it
+        index = VectorIndex(client, namespace, DedupSettings(threshold=threshold))
+        [got] = index.admit(["query"], corpus.lines[j][None])
+        assert got.keep == (fp32 < threshold) != (int8 < threshold)
+        assert got.similarity == pytest.approx(fp32, abs=1e-6)
+        print(f"\n[rescore] int8 cosine {int8:.5f}, FP32 {fp32:.5f}, threshold "
+              f"{threshold:.5f}: {'kept' if got.keep else 'duplicate'} by FP32")
+    finally:
+        probe.clear()
 
 
 @pytest.mark.integration
@@ -213,7 +245,8 @@ def _admit_in_child(
 def test_two_processes_admit_exactly_one_of_each_group(
     stack: Settings, client: redis.Redis, corpus: Corpus
 ) -> None:
-    """Two spawned workers race over the same near-copy groups, in opposite orders."""
+    """Two spawned workers race over the same near-copy groups, in opposite orders: each
+    searches outside any script, so their writes race; the settle keeps one of each."""
     namespace = f"test-{uuid.uuid4().hex}"
     plans = []
     for worker, order in (("w1", [0, 1, 2]), ("w2", [2, 1, 0])):
@@ -251,4 +284,4 @@ def test_two_processes_admit_exactly_one_of_each_group(
                 assert admission.duplicate_of.split("/")[1] == item_id.split("/")[1]
         assert client.execute_command("VCARD", vset_key(namespace)) == len(FILES)
     finally:
-        client.delete(vset_key(namespace))
+        VectorIndex(client, namespace, SETTINGS).clear()
