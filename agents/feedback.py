@@ -10,30 +10,60 @@ before its commit, a trainer that re-sends after its own restart) changes nothin
 that cannot be folded (``feedback_problem``) is a counted skip, logged with where it was
 read. One window is left: a crash after the fold and before its hard examples are queued
 loses those replays (the losses themselves are folded exactly once).
+
+Under ``replay_policy = "reducible"`` the balance stage keeps a hash-chosen slice of the
+curated samples out of batches (``LossStore.hold_out``); each worker fits the reference
+model on them (``LossStore.reference``, again every ``reference_refit`` new ones), and a
+record's irreducible losses come from the embeddings of its samples, read from the
+partition's buffers. Until a reference model exists (two classes held out), the plain
+``hard_k`` rule picks the replays, counted as ``reference_missing``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import redis
 
 from agents.buffers import ClassBuffers
 from agents.compose import partition_of
 from agents.config import BalanceSettings
-from agents.feedback_logic import FeedbackOutcome, feedback_problem, process_feedback
-from agents.keys import difficulty_key, feedback_seen_key, loss_state_key
+from agents.feedback_logic import (
+    FeedbackOutcome,
+    ReferenceModel,
+    feedback_problem,
+    process_feedback,
+)
+from agents.keys import difficulty_key, feedback_seen_key, holdout_key, loss_state_key
 from agents.step import Item, Outcome, Step
 from schemas.records import Feedback as FeedbackRecord
 
 log = logging.getLogger(__name__)
 
 _DEFAULT = BalanceSettings()
+
+# HSET a held-out sample unless the hash is full; 1 when it is held out (now or before).
+_HOLD_OUT = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 1 end
+if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
+
+def in_holdout(sample_id: str, fraction: float) -> bool:
+    """Whether an id falls in the held-out slice: a hash of the id, so every worker and
+    every replay agree."""
+    digest = hashlib.sha256(sample_id.encode("utf-8", errors="surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64 < fraction
 
 
 class LossStore:
@@ -47,6 +77,38 @@ class LossStore:
         self.namespace = namespace
         self.seen_cap = int(seen_cap)
         self.seen_ttl_s = int(seen_ttl_s)
+        self._hold_out = client.register_script(_HOLD_OUT)
+        self._reference: ReferenceModel | None = None
+        self._fitted_on = 0  # held-out samples the cached reference model was fit on
+
+    def hold_out(self, sample: Mapping[str, Any], cap: int) -> bool:
+        """Keep ``sample`` (its label and float16 embedding) for the reference model, unless
+        ``cap`` are kept already; True when it is held out (now or before)."""
+        value = str(sample["label"]).encode() + b"\n" + bytes(sample["embedding"])
+        return bool(self._hold_out(keys=[holdout_key(self.namespace)],
+                                   args=[str(sample["id"]), value, int(cap)]))
+
+    def reference(self, refit: int) -> ReferenceModel | None:
+        """The reference model fit on the held-out samples, fit again once ``refit`` more
+        were held out (None while they hold fewer than two classes)."""
+        key = holdout_key(self.namespace)
+        size = int(self.redis.hlen(key))
+        if self._reference is not None and size - self._fitted_on < refit:
+            return self._reference
+        rows: dict[bytes, bytes] = self.redis.hgetall(key)  # type: ignore[assignment]
+        parsed = [value.partition(b"\n") for value in rows.values()]
+        # One dimension (the newest model's, if the embedding model changed): the most common.
+        dims = Counter(len(blob) for _, _, blob in parsed if blob)
+        if not dims:
+            return self._reference
+        dim = dims.most_common(1)[0][0]
+        kept = [(label.decode(), blob) for label, _, blob in parsed if len(blob) == dim]
+        if len({label for label, _ in kept}) < 2:
+            return self._reference
+        x = np.stack([np.frombuffer(blob, dtype="<f2").astype(np.float32) for _, blob in kept])
+        self._reference = ReferenceModel.fit(x, [label for label, _ in kept])
+        self._fitted_on = size
+        return self._reference
 
     def difficulty(self) -> dict[str, float]:
         """The current difficulty factor per class (empty before any feedback)."""
@@ -55,7 +117,8 @@ class LossStore:
         return {k.decode(): float(v) for k, v in raw.items()}
 
     def fold(self, feedback: FeedbackRecord, alpha: float, hard_k: float, *,
-             max_classes: int | None = None) -> FeedbackOutcome | None:
+             max_classes: int | None = None, policy: str = "hard_k",
+             irreducible: Mapping[str, float] | None = None) -> FeedbackOutcome | None:
         """Fold one record in, in an optimistic transaction (workers share the state);
         None when its (batch id, step) was folded before."""
         key = loss_state_key(self.namespace)
@@ -68,7 +131,8 @@ class LossStore:
             raw = pipe.get(key)
             state = json.loads(raw) if raw else None
             outcome = process_feedback(state, feedback, alpha=alpha, hard_k=hard_k,
-                                       max_classes=max_classes)
+                                       max_classes=max_classes, policy=policy,
+                                       irreducible=irreducible)
             now = time.time()
             pipe.multi()
             pipe.set(key, json.dumps(outcome.state))
@@ -120,8 +184,17 @@ class Feedback(Step):
                         record.get("batch_id"), c.topic, c.partition, c.offset, reason, detail)
             return Outcome({"reason": reason, "detail": detail}, rejected=True)
         b = self.settings
-        outcome = self.losses.fold(record, b.loss_alpha, b.hard_k,
-                                   max_classes=b.max_labels + 1)
+        if b.replay_policy == "reducible":
+            irreducible = self._irreducible(record)
+            policy = "reducible" if irreducible is not None else "hard_k"
+            if irreducible is None:
+                self.counters["reference_missing"] += 1
+            outcome = self.losses.fold(record, b.loss_alpha, b.hard_k,
+                                       max_classes=b.max_labels + 1, policy=policy,
+                                       irreducible=irreducible)
+        else:
+            outcome = self.losses.fold(record, b.loss_alpha, b.hard_k,
+                                       max_classes=b.max_labels + 1)
         if outcome is None:
             self.counters["replayed"] += 1
             return Outcome(_result(replayed=True), rejected=False)
@@ -133,6 +206,28 @@ class Feedback(Step):
         return Outcome(_result(difficulty=outcome.difficulty, hard=len(outcome.hard_ids),
                                threshold=outcome.threshold, queued=queued,
                                ignored=outcome.ignored), rejected=False)
+
+
+    def _irreducible(self, record: FeedbackRecord) -> dict[str, float] | None:
+        """The reference model's loss of each sample of the record whose embedding the
+        partition's buffers still hold (None: no reference model yet)."""
+        model = self.losses.reference(self.settings.reference_refit)
+        if model is None:
+            return None
+        buffers = self.buffers_of(partition_of(record["batch_id"]))
+        pipe = buffers.redis.pipeline(transaction=False)
+        for item in record["losses"]:
+            pipe.hget(buffers.sample_key(item["id"]), "embedding")
+        dim = model.weights.shape[0]
+        found = [(item["id"], item["label"], blob) for item, blob
+                 in zip(record["losses"], pipe.execute(), strict=True)
+                 if isinstance(blob, bytes) and len(blob) == 2 * dim]
+        if not found:
+            return {}
+        x = np.stack([np.frombuffer(blob, dtype="<f2").astype(np.float32)
+                      for _, _, blob in found])
+        losses = model.losses(x, [label for _, label, _ in found])
+        return {i: float(v) for (i, _, _), v in zip(found, losses, strict=True)}
 
 
 def _result(*, difficulty: dict[str, float] | None = None, hard: int = 0,

@@ -20,6 +20,14 @@ half the weight a uniform mix would give it. For ``effective_number`` the number
 so ``n_c`` counts the samples in the EMA's memory — with an all-time count every class
 would saturate and the policy would drift back to natural.
 
+Source priorities (``balance.source_priorities``) multiply the targets too: a class's
+``priority_c`` is the mean priority of the sources of its recent samples
+(``update_priority``, an EMA as long as the class EMA's), so
+
+    target_c ∝ share_c · w_c · difficulty_c^γ · priority_c
+
+and a class fed mostly by a source of priority 2 gets twice the draw it would get.
+
 The importance weight of a drawn sample is ``target_c / share_c`` (CuratedBatch.v1's
 ``weight``): how much more often its class is drawn than the stream offers it. A trainer
 that wants the natural-mix risk back multiplies its loss by ``1 / weight``.
@@ -100,12 +108,14 @@ def target_shares(
     difficulty: Mapping[str, float] | None = None,
     gamma: float = _DEFAULT.difficulty_gamma,
     horizon: float = 1.0,
+    priority: Mapping[str, float] | None = None,
 ) -> Targets:
     """The class mix the policy aims at, from EMA class counts per window.
 
     ``difficulty`` is the loss factor per class (class loss / mean class loss); a class
     missing from it counts as 1. Classes with a zero EMA count get no share. If the
     difficulty factors zero every class out, the policy's mix without them is used.
+    ``priority`` is each class's source priority (``update_priority``; missing: 1).
     """
     weights = class_weights(
         ema, policy, epsilon=epsilon, tau=tau, beta=beta, horizon=horizon
@@ -119,6 +129,10 @@ def target_shares(
         adjusted = {c: raw[c] * _factor(difficulty.get(c, 1.0), gamma) for c in raw}
         if sum(adjusted.values()) > 0.0:
             raw = adjusted
+    if priority:
+        prioritized = {c: raw[c] * _factor(priority.get(c, 1.0), 1.0) for c in raw}
+        if sum(prioritized.values()) > 0.0:
+            raw = prioritized
     norm = sum(raw.values())
     shares = {c: v / norm for c, v in raw.items()}
     return Targets(
@@ -126,6 +140,17 @@ def target_shares(
         weights={c: shares[c] / natural[c] for c in shares},
         natural=natural,
     )
+
+
+def update_priority(current: float | None, priority: float, alpha: float, window: int
+                    ) -> float:
+    """A class's source priority after one more sample from a source of ``priority``: an
+    EMA per sample with decay ``alpha ** (1 / window)``, so it remembers as long as the class
+    EMA (decay ``alpha`` per window); the first sample sets it."""
+    if current is None:
+        return float(priority)
+    decay = alpha ** (1.0 / window)
+    return decay * current + (1.0 - decay) * float(priority)
 
 
 def _factor(difficulty: float, gamma: float) -> float:
@@ -157,10 +182,12 @@ def targets_for(
     counts: Mapping[str, float],
     settings: BalanceSettings,
     difficulty: Mapping[str, float] | None = None,
+    priority: Mapping[str, float] | None = None,
 ) -> Targets:
     """``target_shares`` with the balance settings (``counts`` is ``ClassEMA.get()``).
 
-    ``horizon`` is the EMA's memory in windows, ``1 / (1 − α)``.
+    ``horizon`` is the EMA's memory in windows, ``1 / (1 − α)``; ``priority``: the
+    classes' source priorities (used only when ``source_priorities`` names any).
     """
     return target_shares(
         counts,
@@ -171,6 +198,7 @@ def targets_for(
         difficulty=difficulty,
         gamma=settings.difficulty_gamma,
         horizon=1.0 / (1.0 - settings.alpha),
+        priority=priority if settings.source_priorities else None,
     )
 
 

@@ -37,7 +37,8 @@ def build_worker(config: Curation, agents: Sequence[str] = AGENTS) -> faust.App:
     client = redis_client(config.redis)
     metrics: dict[str, StageMetrics] = {}
     for agent in agents:
-        metrics[agent] = StageMetrics(agent)
+        metrics[agent] = StageMetrics(agent, max_sources=config.metrics.max_sources,
+                                      overflow_source=config.metrics.overflow_source)
         _DECLARE[agent](app, topics, config, client, metrics[agent])
 
     @app.timer(interval=config.metrics.interval_s)

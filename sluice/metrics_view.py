@@ -15,6 +15,10 @@ web dashboard and ``sluice monitor``, tested without Kafka. The rules:
   ``class_out``).
 - The duplicate rate is the share of the events entering the pipeline (ingest ``in``) that
   were rejected as ``*_duplicate`` (exact, near, semantic).
+- Per source (the filter stages count them): events in at the first filter stage, kept by
+  the last one, rejections by class over both, the class mix of what was kept, and the
+  source's part of all duplicates (which producer sends them). Contaminated events are
+  counted by the method that matched.
 
 Metric names are built and parsed only by ``streams.metrics``; functions here that take a
 ``prefix`` take the ``prefix`` of one of its ``Names``.
@@ -43,14 +47,21 @@ from streams.metrics import (
     buffer_fill,
     class_in,
     class_out,
+    contaminated,
     evaluation,
     latency_ms,
     rejected,
     share_target,
+    source_class,
+    source_in,
+    source_out,
+    source_rejected,
+    split_source_key,
 )
 
 Key = tuple[str, str]  # (component, instance)
 TRAINER = "trainer"
+FILTER_STAGES = AGENTS[:2]  # the stages that count per source (ingest, dedup)
 TRAINER_GAUGES = ("step", "loss", "accuracy", "samples_per_s", "data_wait_share", "lag", "lr")
 
 
@@ -271,6 +282,8 @@ class View:
             "rejections": self.rejection_rows(histories, now),
             "duplicates": self.duplicate_summary(histories, now),
             "classes": self.class_rows(histories, now),
+            "sources": self.source_rows(histories),
+            "contamination": self.contamination(histories),
             "trainer": self.trainer_row(histories, now),
             "lag": dict(lag[-1][1]) if lag and now - lag[-1][0] <= self.stale_s else None,
             "series": self.series(histories, now, lag),
@@ -345,6 +358,48 @@ class View:
         return [{"label": n, "raw": _r(raw.get(n)), "curated": _r(curated.get(n)),
                  "target": _r(target.get(n)), "buffer": _r(buffered.get(n))}
                 for n in names]
+
+    def source_rows(self, histories: Histories) -> list[dict[str, Any]]:
+        """Per source, most events first: in (first filter stage), kept (last filter stage)
+        and its share, duplicate rate, the source's part of all duplicates, rejections by
+        class, class mix of the kept (totals so far)."""
+        stages = [c for c in components(histories) if c in FILTER_STAGES]
+        if not stages:
+            return []
+        entered = labelled(totals(histories, stages[0]), source_in.prefix)
+        kept = labelled(totals(histories, stages[-1]), source_out.prefix)
+        by_class: dict[str, Counter[str]] = {}
+        for comp in stages:
+            for key, n in labelled(totals(histories, comp), source_rejected.prefix).items():
+                source, cls = split_source_key(key)
+                by_class.setdefault(source, Counter())[cls] += int(n)
+        mix: dict[str, dict[str, float]] = {}
+        for key, n in labelled(totals(histories, stages[-1]), source_class.prefix).items():
+            source, label = split_source_key(key)
+            mix.setdefault(source, {})[label] = n
+        duplicates = sum(c["duplicate"] for c in by_class.values())
+        rows = []
+        for source in sorted(set(entered) | set(kept) | set(by_class),
+                             key=lambda name: (-entered.get(name, 0), name)):
+            n_in, n_kept = entered.get(source, 0.0), kept.get(source, 0.0)
+            classes = by_class.get(source, Counter())
+            rows.append({
+                "source": source, "in": int(n_in), "kept": int(n_kept),
+                "kept_share": _r(n_kept / n_in) if n_in else None,
+                "duplicate_rate": _r(classes["duplicate"] / n_in) if n_in else None,
+                "duplicate_part": _r(classes["duplicate"] / duplicates) if duplicates else None,
+                "rejected": dict(sorted(classes.items())),
+                "classes": {k: _r(v) for k, v in sorted(shares(mix.get(source, {})).items())},
+            })
+        return rows
+
+    def contamination(self, histories: Histories) -> dict[str, int]:
+        """Events that copy a protected document, by the method that matched (all stages)."""
+        found: Counter[str] = Counter()
+        for comp in components(histories):
+            for method, n in labelled(totals(histories, comp), contaminated.prefix).items():
+                found[method] += int(n)
+        return dict(sorted(found.items()))
 
     def trainer_row(self, histories: Histories, now: float) -> dict[str, Any] | None:
         """The trainer's latest step, loss, accuracy, speed (None: no trainer seen)."""

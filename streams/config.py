@@ -179,3 +179,8 @@ class MetricsSettings(Section):
     worker_web_port: int = Field(6066, ge=1, le=65535)
     trainer_port: int = Field(9464, ge=0, le=65535)
     dashboard_port: int = Field(8050, ge=1, le=65535)
+    max_sources: int = Field(64, ge=1, le=4096, description="distinct event sources each "
+                             "stage counts by name (in, kept, rejected by class, class mix); "
+                             "later ones are counted as overflow_source")
+    overflow_source: str = Field("other", min_length=1, max_length=64,
+                                 description="the name sources beyond max_sources share")

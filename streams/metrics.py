@@ -19,7 +19,11 @@
   ``sluice_latency_ms{component,quantile}``, ``sluice_step_seconds_total{component,step}``,
   ``sluice_class_share{component,kind="ema"|"target",label}``,
   ``sluice_class_weight{component,label}``, ``sluice_class_difficulty{component,label}``,
-  ``sluice_buffer_fill{component,label}``, ``sluice_buffer_evictions_total{component,label}``;
+  ``sluice_buffer_fill{component,label}``, ``sluice_buffer_evictions_total{component,label}``,
+  ``sluice_source_events_total{component,direction,source}``,
+  ``sluice_source_rejections_total{component,source,class}``,
+  ``sluice_source_class_events_total{component,source,label}``,
+  ``sluice_contaminated_total{component,method}``;
   any other name becomes ``sluice_<name>`` (dots as underscores), counters with ``_total``.
   The trainer uses its own ``Exposition``: ``sluice_trainer_<name>`` labelled with the
   snapshot's labels (``trainer/metrics.py``).
@@ -93,10 +97,42 @@ buffer_fill = Names("buffer.")        # samples buffered per class
 truncated = Names("truncated.")       # counter: contents cut to fit a batch, by kind
 relabeled = Names("relabeled.")       # counter: samples put in the overflow class, by reason
 RESENT = "batches.resent"             # counter: recorded batches re-sent after a crash or failure
+# Per source (``StageMetrics.source``: at most ``max_sources`` names), counters of every
+# stage; a two-part key is ``<source>|<rest>`` (``source_key``), a source never holds "|"
+source_in = Names("source.in.")          # events of each source into a stage
+source_out = Names("source.out.")        # events of each source passed on
+source_rejected = Names("source.rejected.")  # "<source>|<class>": rejections by reason class
+source_class = Names("source.label.")    # "<source>|<label>": passed on, by class
+CONTAMINATED = "contaminated"            # the reason of an event that copies a protected doc
+contaminated = Names("contaminated.")    # counter: contaminated events by the method that matched
 # The trainer
 dropped = Names("dropped.")           # counter: records dropped, by reason
 skipped = Names("skipped.")           # counter: batches skipped, by reason
 evaluation = Names("eval.")           # gauge: held-out evaluation results (macro_f1…)
+
+
+SOURCE_SEP = "|"
+UNKNOWN_SOURCE = "unknown"  # an event without a source (or none decoded)
+MAX_SOURCE_CHARS = 64
+
+
+def source_key(source: str, rest: str) -> str:
+    """The key of a two-part per-source name: ``source_rejected(source_key(s, "quality"))``."""
+    return f"{source}{SOURCE_SEP}{rest}"
+
+
+def split_source_key(key: str) -> tuple[str, str]:
+    """(source, rest) of a ``source_key``."""
+    source, _, rest = key.partition(SOURCE_SEP)
+    return source, rest
+
+
+def reason_class(reason: str) -> str:
+    """The class of a rejection reason: duplicate, quality, invalid, contaminated, error."""
+    if reason.endswith("_duplicate"):
+        return "duplicate"
+    head = reason.split(":", 1)[0]
+    return head if head in ("quality", "invalid", "error", CONTAMINATED) else "other"
 
 
 # --- the snapshot builder ---------------------------------------------------------------
@@ -129,16 +165,38 @@ class Decision(Protocol):
 class StageMetrics:
     """Counts in, out, rejected by reason; event-time latency; extra gauges and labels.
 
+    Each outcome is also counted per source (``source_in``, ``source_out``,
+    ``source_rejected`` by ``reason_class``, ``source_class``): the first ``max_sources``
+    sources by name, later ones as ``overflow_source``, so the names stay bounded whatever
+    producers send; every event has one outcome, so the per-source counters add up to the
+    totals. A ``contaminated`` rejection also counts ``contaminated(<method>)``, the method
+    being its detail's first word.
+
     Not thread-safe: a caller that reads from another thread (a Prometheus endpoint) holds
     its own lock around every call.
     """
 
-    def __init__(self, component: str, labels: Mapping[str, str] | None = None) -> None:
+    def __init__(self, component: str, labels: Mapping[str, str] | None = None, *,
+                 max_sources: int = 64, overflow_source: str = "other") -> None:
         self.component = component
         self.counters: Counter[str] = Counter()
         self.gauges: dict[str, float] = {}
         self.labels: dict[str, str] = dict(labels or {})
         self._latency_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self.max_sources = max_sources
+        self.overflow_source = overflow_source
+        self._sources: set[str] = set()
+
+    def source(self, record: Any) -> str:
+        """The name ``record``'s source is counted under (bounded; see the class doc)."""
+        raw = record.get("source") if isinstance(record, Mapping) else None
+        name = str(raw or UNKNOWN_SOURCE)[:MAX_SOURCE_CHARS].replace(SOURCE_SEP, "_")
+        if name in self._sources:
+            return name
+        if len(self._sources) < self.max_sources:
+            self._sources.add(name)
+            return name
+        return self.overflow_source
 
     def count_in(self, n: int = 1) -> None:
         self.counters[IN] += n
@@ -148,14 +206,23 @@ class StageMetrics:
         """Count each outcome as out (and ``class_out``) or rejected (and ``rejected``
         by reason), and record the latencies of ``event_times_ms``."""
         for outcome in outcomes:
+            source = self.source(outcome.record)
+            self.counters[source_in(source)] += 1
             if outcome.rejected:
+                reason = str(outcome.reason)
                 self.counters[REJECTED] += 1
-                self.counters[rejected(outcome.reason)] += 1
+                self.counters[rejected(reason)] += 1
+                self.counters[source_rejected(source_key(source, reason_class(reason)))] += 1
+                if reason == CONTAMINATED:
+                    detail = str(outcome.record.get("detail") or "")
+                    self.counters[contaminated(detail.split(":", 1)[0] or "unknown")] += 1
             else:
                 self.counters[OUT] += 1
+                self.counters[source_out(source)] += 1
                 label = outcome.record.get("label")
                 if label is not None:
                     self.counters[class_out(label)] += 1
+                    self.counters[source_class(source_key(source, str(label)))] += 1
         now = _now_ms()
         self._latency_ms.extend(max(0, now - t) for t in event_times_ms)
 
@@ -193,6 +260,7 @@ class Exported:
     fixed: tuple[tuple[str, str], ...] = ()
     counter: bool = False  # a Prometheus counter (else a gauge)
     label_value: Callable[[str], str] = str  # the key as the label's value
+    second: str | None = None  # a ``source_key``: ``label`` is the source, this the rest
 
 
 @dataclass(frozen=True)
@@ -240,7 +308,11 @@ class Exposition:
         for f in self.families:
             key = f.names.key(name)
             if key is not None:
-                labels = base | dict(f.fixed) | {f.label: f.label_value(key)}
+                if f.second is not None:
+                    source, rest = split_source_key(key)
+                    labels = base | dict(f.fixed) | {f.label: source, f.second: rest}
+                else:
+                    labels = base | dict(f.fixed) | {f.label: f.label_value(key)}
                 out.add(f.counter, f.metric, f.help, labels, value)
                 return
         kind = "Counter" if counter else "Gauge"
@@ -265,6 +337,7 @@ class _Families:
 
 _CLASS_EVENTS = "Events per class."
 _CLASS_SHARE = "Class share."
+_SOURCE_EVENTS = "Events per source."
 
 STAGE_EXPOSITION = Exposition(
     exact=(
@@ -292,6 +365,19 @@ STAGE_EXPOSITION = Exposition(
         Exported(class_difficulty, "sluice_class_difficulty", "Loss factor per class.",
                  "label"),
         Exported(buffer_fill, "sluice_buffer_fill", "Samples buffered per class.", "label"),
+        Exported(source_in, "sluice_source_events_total", _SOURCE_EVENTS, "source",
+                 (("direction", "in"),), counter=True),
+        Exported(source_out, "sluice_source_events_total", _SOURCE_EVENTS, "source",
+                 (("direction", "out"),), counter=True),
+        Exported(source_rejected, "sluice_source_rejections_total",
+                 "Rejections per source by reason class.", "source", counter=True,
+                 second="class"),
+        Exported(source_class, "sluice_source_class_events_total",
+                 "Events passed on per source and class.", "source", counter=True,
+                 second="label"),
+        Exported(contaminated, "sluice_contaminated_total",
+                 "Events that copy a protected document, by the method that matched.",
+                 "method", counter=True),
     ),
 )
 

@@ -143,6 +143,12 @@
       c.label, shareCell(c.raw, true), shareCell(c.curated, false), pct(c.target), int(c.buffer)]);
     fillTable("rejections", state.rejections || [], (r) => [
       r.reason, r.component, int(r.total), num(r.per_s), pct(r.share)]);
+    const pairs = (obj, show) => keys(obj || {}).map((k) => `${k} ${show(obj[k])}`).join(", ");
+    fillTable("sources", state.sources || [], (r) => [
+      r.source, int(r.in), int(r.kept), shareCell(r.kept_share, false), pct(r.duplicate_rate),
+      pct(r.duplicate_part), pairs(r.rejected, int), pairs(r.classes, pct)]);
+    fillTable("contamination", keys(state.contamination || {}).map((m) => [m,
+      state.contamination[m]]), (r) => [r[0], int(r[1])]);
   }
 
   // --- charts --------------------------------------------------------------------------

@@ -93,7 +93,12 @@ def test_stage_metrics_count_outcomes_and_report_a_metric_snapshot() -> None:
     assert snap["component"] == "dedup" and snap["instance"] == instance_name()
     assert snap["counters"] == {"in": 5, "out": 3, "out.label.python": 2, "rejected": 2,
                                 "rejected.semantic_duplicate": 1,
-                                "rejected.quality:min_words": 1}
+                                "rejected.quality:min_words": 1,
+                                # Per source (none named here: "unknown"); they add up.
+                                "source.in.unknown": 5, "source.out.unknown": 3,
+                                "source.label.unknown|python": 2,
+                                "source.rejected.unknown|duplicate": 1,
+                                "source.rejected.unknown|quality": 1}
     assert snap["gauges"] == {"seconds.embed": 1.5, "seconds.admit": 0.25, "index.size": 12.0}
     assert snap["labels"] == {"model": "all-MiniLM-L6-v2", "policy": "sqrt"}
     assert decode(encode("MetricSnapshot", snap), "MetricSnapshot") == snap
