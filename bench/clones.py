@@ -8,8 +8,9 @@ headers from /usr/include, Go from the Go toolchain's sources, JavaScript from n
 30 kB each, byte-identical files and minified ones (a line over 400 characters) left out,
 the language detected by ``streams.sources.detect_language`` as ``sluice produce`` does.
 
-Edits, each applied to a sample of the files (a copy the edit leaves unchanged, e.g. a
-strip of a file without comments, is not planted):
+Edits (``agents.planting``, the same that ``sluice calibrate`` plants in the user's files),
+each applied to a sample of the files (a copy the edit leaves unchanged, e.g. a strip of a
+file without comments, is not planted):
 
 - ``rename``: every identifier renamed consistently (a pygments ``Name`` token that is not a
   builtin, as a refactoring tool renames: strings and comments untouched);
@@ -19,7 +20,7 @@ strip of a file without comments, is not planted):
 - ``reorder``: top-level blocks (a line at column 0 after a blank line starts one) shuffled,
   the first (the file's header) kept in place;
 - ``edit``: a few lines deleted, a line of another file inserted, a line repeated
-  (``bench.common.near_copy``).
+  (``agents.planting.near_copy``).
 
 For each edit kind, a fresh namespace receives every distinct file, then the copies, through
 sluice's own pipeline (``build_pipeline`` with stages ``ingest``; ``--semantic`` adds the
@@ -38,20 +39,15 @@ import argparse
 import hashlib
 import json
 import random
-import re
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
 from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
-from pygments.lexer import Lexer
-from pygments.lexers import get_lexer_by_name
-from pygments.token import Comment, Name, String
-
-from bench.common import SITE, console, near_copy, private_redis, show, write_result
+from agents.planting import EDITS, planted
+from bench.common import SITE, console, private_redis, show, write_result
 
 ROOTS: dict[str, tuple[list[Path], tuple[str, ...]]] = {
     "python": ([SITE], (".py",)),
@@ -63,7 +59,6 @@ ROOTS: dict[str, tuple[list[Path], tuple[str, ...]]] = {
     "shell": ([Path("/usr/lib"), Path("/usr/share"), Path("/usr/local"), Path("/etc")],
               (".sh",)),
 }
-EDITS = ("rename", "strip", "rename+strip", "reformat", "reorder", "edit")
 LAYERS = ("exact", "words", "code-tokens", "semantic")
 DUPLICATE_REASONS = {"exact_duplicate", "near_duplicate", "semantic_duplicate"}
 MIN_BYTES, MAX_BYTES, MAX_LINE = 1500, 30_000, 400
@@ -116,139 +111,7 @@ def corpus(per_language: int, seed: int) -> list[dict[str, Any]]:
     return stream
 
 
-# -- the edits (the workload, not what is measured) ------------------------------------------
-
-
-def _lexer(language: str) -> Lexer:
-    return get_lexer_by_name(language, stripnl=False, ensurenl=False)
-
-
-def _tokens(text: str, language: str) -> list[tuple[Any, str]]:
-    return list(_lexer(language).get_tokens(text))
-
-
-def rename(text: str, language: str, rng: random.Random) -> str:
-    """Every identifier that is not a builtin renamed, consistently, to a fresh name."""
-    names: dict[str, str] = {}
-    out = []
-    for kind, value in _tokens(text, language):
-        if kind in Name and kind not in Name.Builtin and re.fullmatch(r"[$@%]?\w+", value):
-            sigil = value[0] if value[0] in "$@%" else ""
-            if value not in names:
-                names[value] = sigil + "".join(rng.choice("abcdefghijklmnopqrstuvwxyz")
-                                               for _ in range(rng.randint(3, 9)))
-            value = names[value]
-        out.append(value)
-    return "".join(out)
-
-
-def strip(text: str, language: str, rng: random.Random) -> str:
-    """Comments and docstrings removed; the blank lines they leave squeezed."""
-    out: list[str] = []
-    previous = None
-    for kind, value in _tokens(text, language):
-        if kind in String.Doc and previous is not None and previous in String.Affix:
-            out[-1] = ""  # the r of r"""…""" goes with its docstring
-        previous = kind
-        if kind in String.Doc or (kind in Comment and kind not in Comment.Preproc
-                                  and kind not in Comment.PreprocFile
-                                  and kind not in Comment.Hashbang):
-            # A line comment may carry its newline (pygments' C lexer): keep the newline.
-            value = "\n" if value.endswith("\n") else ""
-        out.append(value)
-    lines = [line.rstrip() for line in "".join(out).split("\n")]
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip("\n") + "\n"
-
-
-def rename_strip(text: str, language: str, rng: random.Random) -> str:
-    """``strip`` then ``rename``."""
-    return rename(strip(text, language, rng), language, rng)
-
-
-def reformat(text: str, language: str, rng: random.Random) -> str:
-    """Indentation halved (tabs to 4 spaces first); no space after a comma."""
-    out = []
-    after_comma = False
-    for _, value in _tokens(text, language):
-        if not (after_comma and value == " "):
-            out.append(value)
-        after_comma = value == ","
-    lines = []
-    for line in "".join(out).split("\n"):
-        body = line.lstrip(" \t")
-        indent = line[: len(line) - len(body)].replace("\t", "    ")
-        lines.append(" " * (len(indent) // 2) + body)
-    return "\n".join(lines)
-
-
-def _inside_tokens(text: str, language: str) -> set[int]:
-    """Line numbers that begin inside a multi-line token (a block comment, a string, a
-    heredoc, POD): no definition starts there."""
-    inside: set[int] = set()
-    line = 0
-    for _, value in _tokens(text, language):
-        breaks = value.count("\n")
-        # Lines after the token's first break and up to its last start inside it, unless
-        # the token ends exactly at a line's end (whitespace, a line comment's newline).
-        last = breaks - 1 if value.endswith("\n") else breaks
-        inside.update(range(line + 1, line + last + 1))
-        line += breaks
-    return inside
-
-
-def reorder(text: str, language: str, rng: random.Random) -> str:
-    """Top-level blocks shuffled, the header block (and anything after a Perl
-    ``__END__``/``__DATA__``) kept in place. A block starts at a line at column 0, after a
-    blank line, outside any comment or string."""
-    lines = text.split("\n")
-    tail: list[str] = []
-    for k, line in enumerate(lines):
-        if line.strip() in ("__END__", "__DATA__"):
-            lines, tail = lines[:k], lines[k:]
-            break
-    inside = _inside_tokens("\n".join(lines), language)
-    blocks: list[list[str]] = [[]]
-    for k, line in enumerate(lines):
-        starts = (k > 0 and not lines[k - 1].strip() and line[:1].strip() != ""
-                  and k not in inside
-                  and not line.startswith(("}", ")", "]", "end", "fi", "esac", "done")))
-        if starts and blocks[-1]:
-            blocks.append([])
-        blocks[-1].append(line)
-    head, rest = blocks[0], blocks[1:]
-    rng.shuffle(rest)
-    for block in rest:  # each block ends with its blank separator line
-        if block[-1].strip():
-            block.append("")
-    body = "\n".join(head + [line for block in rest for line in block]).rstrip("\n")
-    return body + "\n" + ("\n".join(tail) if tail else "")
-
-
-def edit(text: str, language: str, rng: random.Random, donor: str = "") -> str:
-    """A few lines deleted, one of another file inserted, one repeated."""
-    return near_copy(text, rng, donor)
-
-
-EDITORS: dict[str, Callable[..., str]] = {
-    "rename": rename, "strip": strip, "rename+strip": rename_strip, "reformat": reformat,
-    "reorder": reorder, "edit": edit}
-
-
-def planted(originals: list[dict[str, Any]], kind: str, seed: int) -> list[dict[str, Any]]:
-    """One edited copy per original (``kind``), skipping edits that change nothing."""
-    rng = random.Random(f"{seed}:{kind}")
-    copies = []
-    for k, original in enumerate(originals):
-        text, language = original["content"], original["language"]
-        args: dict[str, Any] = {}
-        if kind == "edit":
-            args["donor"] = originals[(k + 1) % len(originals)]["content"]
-        copy = EDITORS[kind](text, language, rng, **args)
-        if copy.split() == text.split():  # a no-op edit (nothing to strip, one block…)
-            continue
-        copies.append({**original, "id": f"{kind}:{original['id']}", "content": copy,
-                       "source": original["source"], "original": original["id"]})
-    return copies
+# -- the edits (the workload, not what is measured): agents.planting ----------------------
 
 
 # -- running the product ---------------------------------------------------------------------

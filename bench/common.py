@@ -156,17 +156,11 @@ def natural_corpus(n: int, seed: int = 0) -> list[tuple[str, str, str]]:
 
 
 def near_copy(text: str, rng: random.Random, donor: str) -> str:
-    """A realistic near-duplicate: a few lines dropped, one line of another real file
-    inserted, one line duplicated (as edits, merges and copy-paste do)."""
-    lines = text.split("\n")
-    for _ in range(max(1, len(lines) // 40)):
-        if len(lines) > 3:
-            del lines[rng.randrange(len(lines))]
-    donor_lines = [d for d in donor.split("\n") if d.strip()] or ["# edited"]
-    lines.insert(rng.randrange(len(lines) + 1), rng.choice(donor_lines))
-    k = rng.randrange(len(lines))
-    lines.insert(k, lines[k])
-    return "\n".join(lines)
+    """A realistic near-duplicate (``agents.planting.near_copy``: the edit that ``sluice
+    calibrate`` plants too)."""
+    from agents.planting import near_copy as planted_copy
+
+    return planted_copy(text, rng, donor)
 
 
 # -- embeddings ------------------------------------------------------------------------------

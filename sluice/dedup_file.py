@@ -85,6 +85,7 @@ def dedup_file(settings: Settings, input_path: Path, out_path: Path, *,
             _run(pipeline, batch, out, counts)
             progress.update(task, advance=len(batch), kept=counts["kept"])
     _summary(console, counts, out_path)
+    _where_time_went(console, pipeline)
     return counts
 
 
@@ -92,6 +93,17 @@ def _run(pipeline: Pipeline, batch: list[Item], out: IO[str], counts: Counter[st
     for outcome in pipeline.run(batch):
         counts[outcome.reason or "kept"] += 1
         out.write(json.dumps(decision(outcome), ensure_ascii=False) + "\n")
+
+
+def _where_time_went(console: Console, pipeline: Pipeline) -> None:
+    """Seconds per step and timed part (``embed`` and ``admit`` inside ``semantic``)."""
+    parts = pipeline.seconds()
+    steps = {step.name for step in pipeline.steps}
+    total = sum(seconds for name, seconds in parts.items() if name in steps)
+    console.print("time: " + ", ".join(
+        f"{name} {seconds:.1f} s ({100 * seconds / max(total, 1e-9):.0f} %)"
+        for name, seconds in sorted(parts.items(), key=lambda kv: -kv[1])
+        if name in steps or name in ("embed", "admit")))
 
 
 def _summary(console: Console, counts: Counter[str], out_path: Path) -> None:

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from agents.config import DedupSettings
-from agents.embed import Embedder
+from agents.embed import Embedder, resolve_backend
 from agents.embed_onnx import OnnxBackendError, cache_folder
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -62,3 +63,20 @@ def test_int8_export_stays_close_and_is_cached(cache: Path, torch_vectors: np.nd
 def test_unknown_variant_is_refused(tmp_path: Path) -> None:
     with pytest.raises(OnnxBackendError, match="variant"):
         cache_folder(str(tmp_path), "onnx-fp8")
+
+
+def test_backends_resolve_from_the_settings() -> None:
+    assert resolve_backend("auto", "cpu") == ("onnx-int8", "cpu", False)
+    assert resolve_backend("onnx", "auto") == ("onnx", "cpu", False)
+    assert resolve_backend("torch", "cpu") == ("torch", "cpu", False)
+    if torch.cuda.is_available():  # fp16 torch on a GPU
+        assert resolve_backend("auto", "auto") == ("torch", "cuda", True)
+    else:
+        assert resolve_backend("auto", "auto") == ("onnx-int8", "cpu", False)
+
+
+def test_auto_on_the_cpu_runs_the_int8_export(cache: Path, torch_vectors: np.ndarray) -> None:
+    embedder = Embedder(DedupSettings(backend="auto", device="cpu"), onnx_cache=cache)
+    assert embedder.backend == "onnx-int8" and embedder.onnx is not None
+    int8 = Embedder(DedupSettings(backend="onnx-int8"), onnx_cache=cache)
+    np.testing.assert_allclose(embedder.encode(_texts()), int8.encode(_texts()), atol=1e-6)
