@@ -78,11 +78,19 @@ def prepare(plugin: ModelPlugin, holdout: float, item: SourcedBatch, *,
 
 
 def _with_weights(train: TrainBatch, kept: list[BatchSample]) -> TrainBatch:
-    """``train`` with the weight of each of its rows (by id: a plugin may reorder rows);
-    ``BatchError`` when they cannot weight a loss (a NaN weight would make the step NaN)."""
+    """``train`` with the loss weight of each of its rows (by id: a plugin may reorder
+    rows): the inverse of the sample's importance weight. A batch carries ``target share /
+    natural share`` per sample (how much more often the balancer drew its class than the
+    stream offers it, ``agents.policy``); weighting the loss by the inverse gives the
+    natural mix's risk back. ``BatchError`` when they cannot weight a loss (a NaN, zero or
+    negative importance weight)."""
     by_id = {s["id"]: s["weight"] for s in kept}
     try:
-        weights = torch.tensor([float(by_id[i]) for i in train.ids], dtype=torch.float32)
+        importance = torch.tensor([float(by_id[i]) for i in train.ids], dtype=torch.float32)
+        if not (torch.isfinite(importance).all() and (importance > 0).all()):
+            raise WeightError(f"importance weights must be finite and positive: "
+                              f"{importance.tolist()}")
+        weights = 1.0 / importance
         normalized_weights(weights)
     except (KeyError, WeightError) as exc:
         raise BatchError(f"batch {train.batch_id}: weights: {exc}") from exc

@@ -38,11 +38,12 @@ class TrainerSettings(Section):
     schedule: Literal["constant", "cosine"] = "constant"
     total_steps: int = Field(10_000, ge=1, description="cosine schedule length")
     label_smoothing: float = Field(0.1, ge=0, lt=1)
-    loss_weights: bool = Field(True, description="weight each sample's loss by the importance "
-                               "weight its batch carries (target share / natural share), "
-                               "normalized per batch to sum to the batch size, so re-balanced "
-                               "sampling does not shift the model's class priors; false: "
-                               "every sample counts the same")
+    loss_weights: bool = Field(True, description="weight each sample's loss by the inverse "
+                               "of the importance weight its batch carries (target share / "
+                               "natural share), normalized per batch to sum to the batch size, "
+                               "so re-balanced sampling does not shift the model's class "
+                               "priors; false: every sample counts the same (the balanced mix "
+                               "is what the model learns, e.g. for macro-F1)")
     grad_clip: float = Field(1.0, gt=0)
     grad_accum: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=0, description="stop once this many optimizer "

@@ -2,10 +2,11 @@
 
 Each curated sample carries an importance weight (its class's target share over its
 natural share). Re-balanced sampling shows the model a class mix it would not see in the
-stream; weighting each sample's loss by that ratio undoes the shift in the model's class
-priors where that is wanted (``trainer.loss_weights``). The weights are normalized per batch
-to sum to the batch size, so they move the loss between samples without changing its
-scale, and the learning rate means the same with them and without.
+stream; weighting each sample's loss by the inverse of that ratio (``trainer.batches``)
+undoes the shift in the model's class priors where that is wanted
+(``trainer.loss_weights``). The weights are normalized per batch to sum to the batch size,
+so they move the loss between samples without changing its scale, and the learning rate
+means the same with them and without.
 """
 
 from __future__ import annotations

@@ -89,7 +89,10 @@ def test_prepare_carries_the_weights_to_the_step_and_refuses_unusable_ones() -> 
     plugin = EmbeddingClassifier(embedding_dim=8, hidden=4)
     ready = prepare(plugin, 0.0, _sourced([0.5, 2.0, 1.0]))
     assert ready.train is not None and ready.train.weights is not None
-    assert ready.train.weights.tolist() == [0.5, 2.0, 1.0]
+    # The loss weight is the inverse of the importance weight: a class drawn twice as often
+    # as the stream offers it counts half.
+    assert ready.train.weights.tolist() == [2.0, 0.5, 1.0]
+    assert prepare(plugin, 0.0, _sourced([1.0, 0.0])).skipped == "unusable"
 
     refused = prepare(plugin, 0.0, _sourced([1.0, float("nan")]))
     assert refused.skipped == "unusable" and refused.train is None
