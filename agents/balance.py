@@ -31,13 +31,16 @@ What survives a failure anywhere between Redis and Kafka:
   is fitted exactly (``agents.compose.fit_samples``). Cuts are counted by kind.
 - **Labels.** A label that is not valid text (``label_problem``) or beyond the first
   ``max_labels`` of the namespace goes to ``overflow_label``, counted by reason.
+- **Held out.** Under ``replay_policy = "reducible"`` a sample of the held-out slice
+  (``agents.feedback.in_holdout``, by id) trains the reference model instead of entering
+  batches (``held_out``), until the holdout holds ``holdout_cap``.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from agents.buffers import Admitted, Recorded, SequenceTaken
 from agents.compose import (
@@ -52,7 +55,8 @@ from agents.compose import (
     utf8_prefix,
 )
 from agents.config import BalanceSettings
-from agents.policy import PolicyError, label_for, targets_for
+from agents.feedback import in_holdout
+from agents.policy import PolicyError, label_for, targets_for, update_priority
 from agents.stats import ClassEMA
 from agents.step import Item, Outcome, Step, now_ms
 from schemas.records import CuratedBatch, CuratedSample
@@ -84,6 +88,13 @@ class Difficulty(Protocol):
     """The current difficulty factor per class (``agents.feedback.LossStore``)."""
 
     def difficulty(self) -> dict[str, float]: ...
+
+
+@runtime_checkable
+class Holdout(Protocol):
+    """Keeps samples out of batches for the reference model (``agents.feedback.LossStore``)."""
+
+    def hold_out(self, sample: Mapping[str, Any], cap: int) -> bool: ...
 
 
 def sample_share(settings: BalanceSettings, message_limit: int) -> int:
@@ -122,6 +133,9 @@ class Balance(Step):
         self.policy = label_for(settings)
         self.message_limit = int(message_limit)
         self.content_cap = sample_share(settings, self.message_limit)
+        if settings.replay_policy == "reducible" and not isinstance(losses, Holdout):
+            raise PolicyError("balance.replay_policy = reducible needs a loss store that "
+                              "holds samples out (agents.feedback.LossStore)")
         #: The partition's state (the Faust table value); a fresh dict after every run.
         self.state: dict[str, Any] = {}
         self._in_flight: set[int] = set()  # sequences handed out, not yet confirmed
@@ -146,6 +160,9 @@ class Balance(Step):
         out: list[CuratedBatch] = []
         for item in items:
             sample, notes = self._bounded(item.record)
+            if self._held_out(sample):
+                self.counters["held_out"] += 1
+                continue
             offset = item.coords.offset
             admitted = self.buffers.admit(sample, offset)
             handed = self._in_flight | {int(b["sequence"]) for b in out}
@@ -179,12 +196,27 @@ class Balance(Step):
         self.counters[class_in(label)] += 1
         return {**sample, "label": label, "content": content}, notes
 
+    def _held_out(self, sample: Mapping[str, Any]) -> bool:
+        """Whether the sample goes to the reference model's holdout instead of batches."""
+        b = self.settings
+        return (b.replay_policy == "reducible" and bool(sample.get("embedding_dim"))
+                and in_holdout(str(sample["id"]), b.holdout_fraction)
+                and isinstance(self.losses, Holdout)
+                and self.losses.hold_out(sample, b.holdout_cap))
+
     def _count(self, sample: Mapping[str, Any], offset: int, state: dict[str, Any]
                ) -> CuratedBatch | None:
         b = self.settings
         ema = ClassEMA.restore(state.get("ema"), b.alpha, b.window)
         ema.update(sample["label"])
         state["ema"] = ema.to_dict()
+        if b.source_priorities:
+            # The class's mean source priority, remembered as long as its EMA count.
+            priority = dict(state.get("priority") or {})
+            priority[sample["label"]] = update_priority(
+                priority.get(sample["label"]), b.source_priorities.get(sample["source"], 1.0),
+                b.alpha, b.window)
+            state["priority"] = priority
         state["offset"] = offset
         state["pending"] = int(state.get("pending", 0)) + 1
         if b.pace == "trainer" or state["pending"] < b.batch_size:
@@ -217,7 +249,7 @@ class Balance(Step):
         after it (sequence, credit, pending)."""
         b = self.settings
         difficulty = self.losses.difficulty()
-        targets = targets_for(ema.get(), b, difficulty)
+        targets = targets_for(ema.get(), b, difficulty, state.get("priority"))
         replays = min(int(b.batch_size * b.replay_fraction), self.buffers.replay_size())
         counts, credit = allocate_with_credit(
             b.batch_size - replays, targets.shares, self.buffers.sizes(),

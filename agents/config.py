@@ -7,10 +7,11 @@ builds it, so nothing here imports the shell.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal, Protocol
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from streams.config import (
     KafkaSettings,
@@ -95,35 +96,109 @@ class FuzzySettings(Section):
         return self.shingle_words
 
 
+class HorizonSettings(Section):
+    """How much the semantic index remembers: on an endless stream, the oldest admissions
+    age out (``VREM``) so memory stays bounded; an aged-out item no longer blocks a copy."""
+
+    items: int = Field(0, ge=0, description="admitted items kept at most (the oldest go "
+                       "first, before each admission call: the set may exceed it by one "
+                       "micro-batch); 0: no count limit")
+    age_s: float = Field(0.0, ge=0, description="items admitted longer ago than this (by "
+                         "the Redis server's clock) age out before each admission call; "
+                         "0: no age limit")
+    evict_per_call: int = Field(256, ge=1, le=4096, description="aged-out items removed "
+                                "per admission call at most, so one call stays short; keep "
+                                "it above dedup.batch_size so the set catches up")
+
+
+_KINDS: tuple[Literal["CODE", "TEXT"], ...] = ("CODE", "TEXT")
+
+
 class DedupSettings(Section):
     """Semantic dedup against the Redis 8 vector set."""
 
     enabled: bool = Field(True, description="false: no model is loaded, candidates pass as "
                           "samples without an embedding check")
     model: str = Field("all-MiniLM-L6-v2", description="packaged name, model name or path")
-    backend: Literal["torch", "onnx", "onnx-int8"] = "torch"
+    backend: Literal["auto", "torch", "onnx", "onnx-int8"] = Field(
+        "torch", description="auto: torch fp16 on CUDA, onnx-int8 on the CPU; torch: the "
+        "sentence-transformers model; onnx / onnx-int8: its ONNX export (fp32 / int8), built "
+        "offline on first use and cached (`sluice calibrate` measures each backend's "
+        "agreement with torch and writes the threshold it needs)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     threshold: float = Field(0.97, gt=0, le=1, description="cosine at or above: duplicate")
     batch_size: int = Field(32, ge=1, le=128, description="micro-batch size: events per "
-                            "admission call; at most 128, because the call holds the whole "
-                            "Redis while it runs and past busy-reply-threshold (5 s) every "
-                            "client gets BUSY: at 30k items with EF 500 and M 64, 128 items "
-                            "held it 1.2 s, 256 held it 2.4 s, growing with the set")
+                            "admission call; at most 128, because the call's one atomic "
+                            "script (registering the batch and reading the race window) "
+                            "and its reply grow with it")
     batch_within_s: float = Field(1.0, gt=0, description="longest wait to fill a micro-batch")
     encode_batch_size: int = Field(32, ge=1)
     torch_threads: int = Field(0, ge=0, description="torch CPU threads; 0: torch's default")
     chunk_tokens: int = Field(256, ge=16, description="model window for chunked embedding")
-    max_chunks: int = Field(8, ge=1, description="chunks embedded per record at most")
-    neighbours: int = Field(4, ge=1, description="VSIM COUNT per admission")
+    max_chunks: int = Field(8, ge=1, description="chunks embedded per record at most, "
+                            "spread over the whole text: the token budget of a record is "
+                            "chunk_tokens × max_chunks (2,048 by default)")
+    kinds: list[Literal["CODE", "TEXT"]] = Field(
+        default_factory=lambda: list(_KINDS), description="kinds the semantic layer "
+        "embeds; a record of another kind becomes a sample without an embedding check "
+        "(exact and fuzzy dedup still apply)")
+    labels: list[str] = Field(default_factory=list, description="classes the semantic layer "
+                              "embeds (empty: every class); others pass as for kinds")
+    skip_labels: list[str] = Field(default_factory=list, description="classes never "
+                                   "embedded, e.g. data formats [\"json\", \"yaml\", "
+                                   "\"csv\"]: they pass as for kinds")
+    common_window_records: int = Field(8, ge=0, description="a window (chunk) carried word "
+                                       "for word by this many records (licence headers, "
+                                       "generated preambles) is common: left out of a "
+                                       "record's mean, embedded once; 0: never")
+    window_cache: int = Field(4096, ge=0, description="vectors of recurring windows kept "
+                              "in the worker (about 1.5 KB each with MiniLM)")
+    neighbours: int = Field(4, ge=1, le=64, description="VSIM COUNT per admission: the "
+                            "nearest candidates re-scored with their FP32 vectors before "
+                            "deciding (at most 64)")
     quantization: Literal["int8", "noquant", "bin"] = "int8"
     build_ef: int = Field(100, ge=1, le=500, description="VADD EF: 100 kept recall@1 of 200, "
-                          "3× faster; at most 500: a VADD's cost grows with EF inside the "
-                          "admission call that holds the whole Redis (256 items at 10k, M 16: "
-                          "0.28 s at EF 100, 0.73 s at EF 500)")
+                          "3× faster; at most 500: a VADD's cost grows with EF (its search "
+                          "runs on Redis' threads with CAS, but a commit that finds the graph "
+                          "changed redoes it on the main thread)")
     links: int = Field(16, ge=2, le=64, description="HNSW M; at most 64: every VADD updates "
-                       "up to M links per layer inside the admission call (256 items at 10k, "
-                       "EF 100: 0.28 s at M 16, 0.85 s at M 64), and memory per item grows "
-                       "with M")
+                       "up to M links per layer, and memory per item grows with M")
+    offload: bool = Field(False, description="true: VSIM searches on Redis' threads and "
+                          "VADD runs with CAS (its candidate search on a thread too), so the "
+                          "main thread is held only for each insert's commit and several "
+                          "workers' searches run at once on a many-core Redis; false: both "
+                          "run on the main thread, each a single short command (on a busy "
+                          "2-core machine the hand-off to threads cost more than it saved: "
+                          "32 VADDs 65 ms with CAS vs 19 ms without, 32 VSIMs 40 vs 22 ms)")
+    settle_wait_s: float = Field(2.0, gt=0, le=60, description="a duplicate of an item "
+                                 "another worker is still settling waits at most this long "
+                                 "for its fate (kept, or lost a race: then decided again); "
+                                 "past it (that worker died) the item counts as kept")
+    horizon: HorizonSettings = HorizonSettings()
+
+
+class DecontaminateSettings(Section):
+    """Protected documents (evaluation sets, held-out data): indexed read-only beside the
+    dedup layers; an event that copies one is rejected as ``contaminated``."""
+
+    enabled: bool = Field(False, description="true: ingest checks every event against the "
+                          "protected documents' digests and MinHash layers before any dedup "
+                          "layer, and dedup against their embeddings before the vector set "
+                          "(load them with `sluice decontaminate`)")
+    files: list[Path] = Field(default_factory=list, description="JSONL files of protected "
+                              "documents (id, content, kind, language) that `sluice "
+                              "decontaminate` loads when given no file")
+    fuzzy_threshold: float = Field(0.5, gt=0, le=1, description="estimated Jaccard of word "
+                                   "shingles with a protected document at or above which an "
+                                   "event is contaminated (lower than fuzzy.threshold: a "
+                                   "leaked test item costs more than a lost sample)")
+    code_threshold: float = Field(0.7, gt=0, le=1, description="the same for the normalized "
+                                  "code tokens of CODE records")
+    semantic_threshold: float = Field(0.9, gt=0, le=1, description="cosine with a protected "
+                                      "document's embedding at or above which an event is "
+                                      "contaminated (needs dedup.enabled: the same model)")
+    batch_size: int = Field(64, ge=1, le=1024, description="protected documents per load "
+                            "round (embedded together)")
 
 
 class BalanceSettings(Section):
@@ -140,6 +215,18 @@ class BalanceSettings(Section):
     reuse_cap: int = Field(4, ge=1, description="times one sample may enter batches")
     difficulty_gamma: float = Field(1.0, ge=0, description="exponent on the loss factor")
     hard_k: float = Field(2.0, ge=0, description="replay when loss > mean + k·std")
+    replay_policy: Literal["hard_k", "reducible"] = Field(
+        "hard_k", description="which samples are replayed: hard_k = loss > mean + k·std; "
+        "reducible = as many, by the trainer's loss minus a reference model's (RHO-LOSS), "
+        "which does not chase mislabeled samples; it holds a slice of the curated stream "
+        "out of batches to train that model (holdout_fraction)")
+    holdout_fraction: float = Field(0.05, gt=0, lt=1, description="replay_policy = "
+                                    "reducible: share of curated samples (by a hash of the "
+                                    "id) kept out of batches to train the reference model")
+    holdout_cap: int = Field(5000, ge=10, le=100_000, description="held-out samples kept at "
+                             "most; once full, the slice goes to batches as usual")
+    reference_refit: int = Field(200, ge=1, description="new held-out samples between two "
+                                 "fits of the reference model (each worker fits its own)")
     loss_alpha: float = Field(0.9, ge=0, lt=1, description="loss EMA decay")
     replay_fraction: float = Field(0.125, ge=0, le=1, description="most of a batch replayed")
     seen_ttl_s: int = Field(7 * 24 * 3600, ge=0, description="idempotency memory per id; "
@@ -170,6 +257,18 @@ class BalanceSettings(Section):
                                    "composed if it is behind")
     trainer_group: str = Field("sluice-trainer", description="pace = trainer: the trainer's "
                                "consumer group (keep it trainer.group_id)")
+    source_priorities: dict[str, float] = Field(
+        default_factory=dict, description="source → multiplier (> 0) of the class targets: "
+        "each class's target is multiplied by the mean priority of the sources of its recent "
+        "samples (an EMA as long as the class EMA's); a source not named counts 1")
+
+    @field_validator("source_priorities")
+    @classmethod
+    def _positive(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {k: v for k, v in value.items() if not (v > 0 and math.isfinite(v))}
+        if bad:
+            raise ValueError(f"priorities must be finite and > 0: {bad}")
+        return value
 
 
 class Curation(Protocol):
@@ -195,3 +294,5 @@ class Curation(Protocol):
     def dedup(self) -> DedupSettings: ...
     @property
     def balance(self) -> BalanceSettings: ...
+    @property
+    def decontaminate(self) -> DecontaminateSettings: ...

@@ -66,7 +66,7 @@ at threshold 0.8 and 128 permutations this gives 16 bands of 8 rows, which finds
 Jaccard 0.8 with probability 0.95 (0.99 at 0.85), where equal weights (9 × 13) find 0.40."""
 
 
-FuzzyResult = Literal["admitted", "replayed", "duplicate", "skipped"]
+FuzzyResult = Literal["admitted", "replayed", "duplicate", "skipped", "clear"]
 
 #: The settings of one layer: ``fuzzy`` (words) or ``fuzzy.code`` (code tokens).
 LayerSettings = FuzzySettings | CodeFuzzySettings
@@ -118,8 +118,9 @@ class FuzzyDecision:
     ``keep`` is False only for a near-duplicate, then ``duplicate_of`` names the earlier
     item and ``similarity`` is the estimated Jaccard of their shingle sets. ``outcome``
     says which case it was: ``admitted`` (new, now in the index), ``replayed`` (the id was
-    already admitted: replays are idempotent), ``duplicate``, or ``skipped`` (no word or
-    token in the document, or the layer disabled: exact dedup still applies).
+    already admitted: replays are idempotent), ``duplicate``, ``skipped`` (no word or
+    token in the document, or the layer disabled: exact dedup still applies), or ``clear``
+    (``FuzzyIndex.check`` found nothing; the index is unchanged).
     """
 
     keep: bool
@@ -131,6 +132,7 @@ class FuzzyDecision:
 _REPLAYED = FuzzyDecision(True, outcome="replayed")
 _SKIPPED = FuzzyDecision(True, outcome="skipped")
 _ADMITTED = FuzzyDecision(True)
+_CLEAR = FuzzyDecision(True, outcome="clear")
 
 
 # -- the shared index ----------------------------------------------------------------------
@@ -174,6 +176,7 @@ class NearIndex(Protocol):
     """Checks (id, text) pairs against earlier ones and admits the new ones."""
 
     def check_and_insert(self, items: Sequence[tuple[str, str]]) -> list[FuzzyDecision]: ...
+    def remove(self, ids: Sequence[str]) -> None: ...
 
 
 class CodeNearIndex(Protocol):
@@ -181,6 +184,7 @@ class CodeNearIndex(Protocol):
 
     def check_and_insert(self, items: Sequence[tuple[str, CodeDoc]]) -> list[FuzzyDecision]:
         ...
+    def remove(self, ids: Sequence[str]) -> None: ...
 
 
 @dataclass(slots=True)
@@ -276,6 +280,8 @@ class FuzzyIndex:
         """
         if not self.settings.enabled:
             return [_SKIPPED] * len(items)
+        if not items:  # a micro-batch without CODE records reaches the code layer empty
+            return []
         try:
             return self._check_and_insert(items)
         except redis.RedisError as exc:
@@ -330,6 +336,36 @@ class FuzzyIndex:
         if batch_ids:
             decisions.update(self._insert_admitted(ids, sigs, keys, seen, decisions, batch_ids))
         return [decisions[first[item_id]] for item_id in ids]
+
+    def check(self, items: Sequence[tuple[str, str]] | Sequence[tuple[str, CodeDoc]]
+              ) -> list[FuzzyDecision]:
+        """Decide each (id, document) against what the index holds, writing nothing: how a
+        read-only index (``agents.decontaminate``'s protected documents) is used. No replay
+        rule and no comparison inside the batch; ``clear`` when nothing matched."""
+        if not self.settings.enabled:
+            return [_SKIPPED] * len(items)
+        try:
+            sigs = [self.hasher.from_hashes(self.shingling.hashes(self.hasher, doc))
+                    for _, doc in items]
+            todo = [j for j, sig in enumerate(sigs) if sig is not None]
+            matrix = np.array([sigs[j] for j in todo], dtype=np.uint32)
+            keys = self.band_keys(matrix.reshape(len(todo), self.settings.num_perm))
+            pipe = self.redis.pipeline(transaction=False)
+            for band in keys:
+                pipe.execute_command("SUNION", *band)
+            seen = {j: {m.decode() for m in union}
+                    for j, union in zip(todo, pipe.execute() if todo else [], strict=True)}
+            stored = self._fetch(set().union(*seen.values()) if seen else set())
+        except redis.RedisError as exc:
+            raise FuzzyError(f"fuzzy index {self.prefix}: {exc}") from exc
+        out = []
+        for j, sig in enumerate(sigs):
+            if sig is None:
+                out.append(_SKIPPED)
+                continue
+            dup = self._best_match(sig, seen[j], stored, np.empty((0, 0)), [])
+            out.append(dup if dup is not None else _CLEAR)
+        return out
 
     def _fetch(self, ids: set[str]) -> dict[str, _Stored]:
         if not ids:
@@ -420,6 +456,24 @@ class FuzzyIndex:
             pipe.execute()
         return changed
 
+    def remove(self, ids: Sequence[str]) -> None:
+        """Take ``ids`` out of the index (signature and bands), e.g. items admitted here
+        that a later step rejected; ids not in the index are ignored."""
+        stored = self._fetch(set(ids))
+        if not stored:
+            return
+        order = sorted(stored)
+        matrix = np.array([stored[i].signature for i in order], dtype=np.uint32)
+        pipe = self.redis.pipeline(transaction=True)
+        for item_id, keys in zip(order, self.band_keys(matrix), strict=True):
+            pipe.hdel(self._sig_key, item_id)
+            for key in keys:
+                pipe.srem(key, item_id)
+        try:
+            pipe.execute()
+        except redis.RedisError as exc:
+            raise FuzzyError(f"fuzzy index {self.prefix}: {exc}") from exc
+
     def __contains__(self, item_id: str) -> bool:
         return bool(self.redis.hexists(self._sig_key, item_id))
 
@@ -433,11 +487,23 @@ class _NearDedup(Step):
     stage = "fuzzy"
     method: ClassVar[str]
 
+    index: NearIndex | CodeNearIndex
+
     def __init__(self, threshold: float) -> None:
         super().__init__()
         self.threshold = threshold
+        self._admitted: set[str] = set()  # ids the last ``process`` put in the index
+
+    def forget(self, items: Sequence[Item]) -> None:
+        """Remove from the index what the last ``process`` admitted of ``items`` (a replay
+        was admitted before, as a sample: it stays)."""
+        ids = [key for key in (store_id(i.record) for i in items) if key in self._admitted]
+        if ids:
+            self.index.remove(ids)
 
     def _outcome(self, item: Item, decision: FuzzyDecision) -> Outcome:
+        if decision.outcome == "admitted":
+            self._admitted.add(store_id(item.record))
         if decision.keep:
             return Outcome(item.record, rejected=False)
         return rejection(
@@ -455,6 +521,7 @@ class FuzzyDedup(_NearDedup):
 
     name = "fuzzy"
     method = WORDS.method
+    index: NearIndex
 
     def __init__(self, settings: FuzzySettings, index: NearIndex) -> None:
         super().__init__(settings.threshold)
@@ -463,6 +530,7 @@ class FuzzyDedup(_NearDedup):
 
     def process(self, items: Sequence[Item]) -> list[Outcome]:
         """One outcome per candidate, in input order."""
+        self._admitted.clear()
         decisions = self.index.check_and_insert([(store_id(i.record), i.record["content"])
                                                  for i in items])
         return [self._outcome(item, decision)
@@ -475,6 +543,7 @@ class CodeFuzzyDedup(_NearDedup):
 
     name = "fuzzy_code"
     method = CODE_TOKENS.method
+    index: CodeNearIndex
 
     def __init__(self, settings: CodeFuzzySettings, index: CodeNearIndex) -> None:
         super().__init__(settings.threshold)
@@ -483,6 +552,7 @@ class CodeFuzzyDedup(_NearDedup):
 
     def process(self, items: Sequence[Item]) -> list[Outcome]:
         """One outcome per candidate, in input order."""
+        self._admitted.clear()
         code = [item for item in items if item.record["kind"] == "CODE"]
         decisions = iter(self.index.check_and_insert([
             (store_id(i.record), CodeDoc(i.record["content"], i.record.get("language"),

@@ -10,12 +10,19 @@ land in one slot. Keys used one at a time carry no tag and spread over every slo
 | first versions | ``sluice:<ns>:first:<id>`` | string: the first digest seen under the id |
 | fuzzy index | ``sluice:{<ns>:lsh}:meta``, ``…:sig``, ``…:seq``, ``…:band:…`` | ``agents.fuzzy`` |
 | code fuzzy index | ``sluice:{<ns>:lsh-code}:meta``, ``…:sig``, ``…:seq``, ``…:band:…`` | same |
-| vector set | ``sluice:<ns>:vset`` | Redis 8 vector set |
+| semantic index | ``sluice:{<ns>:vset}:set``, ``…:vec``, ``…:log``, ``…:clock``, | vector set, |
+| | ``…:pending`` | FP32 vectors (hash), admission log (zset), its clock, ids |
+| | | written but not yet settled (set); ``agents.index`` |
 | class buffers | ``sluice:{<ns>:buf:<partition>}:…`` | see ``agents.buffers`` (with the |
 | | | composed batches not yet confirmed sent: ``…:outbox``) |
 | class labels | ``sluice:<ns>:labels`` | set: the labels admitted (at most ``max_labels``) |
 | loss statistics | ``sluice:{<ns>:loss}:state``, ``…:difficulty``, ``…:seen`` | JSON string, |
 | | | hash, zset of the (batch id, step) pairs folded |
+| held-out samples | ``sluice:{<ns>:loss}:holdout`` | hash id → label, embedding |
+| | | (``agents.feedback``: the reference model's data) |
+| protected documents | ``sluice:{<ns>:protected}:docs``, ``…:exact``, ``…:meta``, | hashes (id → |
+| | ``…:lsh…``, ``…:lsh-code…``, ``…:vset`` | digest, digest → id), the fuzzy |
+| | | layouts, a vector set: read-only to the pipeline (``agents.decontaminate``) |
 """
 
 from __future__ import annotations
@@ -42,9 +49,15 @@ def code_lsh_prefix(namespace: str) -> str:
     return f"sluice:{{{namespace}:lsh-code}}"
 
 
+def vset_prefix(namespace: str) -> str:
+    """Prefix of the semantic index: the vector set and what its scripts keep beside it
+    (FP32 vectors, admission log, clock) share one tag."""
+    return f"sluice:{{{namespace}:vset}}"
+
+
 def vset_key(namespace: str) -> str:
-    """The namespace's vector set (its script touches only this key)."""
-    return f"sluice:{namespace}:vset"
+    """The namespace's vector set."""
+    return f"{vset_prefix(namespace)}:set"
 
 
 def buffer_prefix(namespace: str, partition: int) -> str:
@@ -70,3 +83,24 @@ def labels_key(namespace: str) -> str:
 def feedback_seen_key(namespace: str) -> str:
     """The (batch id, step) pairs already folded, watched by the feedback transaction."""
     return f"sluice:{{{namespace}:loss}}:seen"
+
+
+def holdout_key(namespace: str) -> str:
+    """The held-out samples of the reducible-loss policy: id → label and embedding."""
+    return f"sluice:{{{namespace}:loss}}:holdout"
+
+
+def protected_prefix(namespace: str) -> str:
+    """Prefix of the protected documents' indexes (``agents.decontaminate``): one tag, so
+    the loader's fuzzy scripts may touch them; the pipeline only reads them."""
+    return f"sluice:{{{namespace}:protected}}"
+
+
+def protected_lsh_prefix(namespace: str) -> str:
+    """The protected documents' word MinHash-LSH index (``agents.fuzzy`` layout)."""
+    return f"{protected_prefix(namespace)}:lsh"
+
+
+def protected_code_lsh_prefix(namespace: str) -> str:
+    """The protected documents' code-token MinHash-LSH index (``agents.fuzzy`` layout)."""
+    return f"{protected_prefix(namespace)}:lsh-code"

@@ -6,11 +6,13 @@ rejects stops there, what it passes goes on to the next step, and ``run`` return
 ``Outcome`` per input item, in input order. ``build_pipeline`` chooses the steps of the
 named stages from the settings, over stores in the Redis it is given:
 
-- ``ingest``: ``Validate`` → ``ExactDedup`` → ``FuzzyDedup`` (word shingles, when
+- ``ingest``: ``Validate`` → ``Decontaminate`` (when ``decontaminate.enabled``: before any
+  layer claims anything) → ``ExactDedup`` → ``FuzzyDedup`` (word shingles, when
   ``fuzzy.enabled``) → ``CodeFuzzyDedup`` (normalized code tokens of CODE records, when
   ``fuzzy.code.enabled`` too);
-- ``dedup``: ``SemanticDedup`` (when ``dedup.enabled``; else ``PassSemantic``, and no
-  model is loaded).
+- ``dedup``: ``ProtectedSemantic`` (when ``decontaminate.enabled``; it shares its
+  embeddings with the next step) → ``SemanticDedup`` (when ``dedup.enabled``; else
+  ``PassSemantic``, and no model is loaded).
 """
 
 from __future__ import annotations
@@ -20,6 +22,12 @@ from collections.abc import Sequence
 import redis
 
 from agents.config import AGENTS, Curation
+from agents.decontaminate import (
+    Decontaminate,
+    ProtectedSemantic,
+    ProtectedStore,
+    SharedEncoder,
+)
 from agents.exact import ExactClaims, ExactDedup
 from agents.fuzzy import CODE_TOKENS, CodeFuzzyDedup, FuzzyDedup, FuzzyIndex
 from agents.index import VectorIndex
@@ -44,6 +52,7 @@ class Pipeline:
         decided: list[Outcome | None] = [None] * len(items)
         alive = list(range(len(items)))
         current = list(items)
+        passed_by: list[tuple[Step, list[int], list[Item]]] = []
         for step in self.steps:
             if not current:
                 break
@@ -51,16 +60,28 @@ class Pipeline:
             if len(outcomes) != len(current):
                 raise SluiceError(f"step {step.name} returned {len(outcomes)} outcomes for "
                                   f"{len(current)} items")
-            passed, passed_items = [], []
+            passed, passed_items, given = [], [], []
             for index, item, outcome in zip(alive, current, outcomes, strict=True):
                 if outcome.rejected:
                     decided[index] = outcome
                 else:
                     passed.append(index)
+                    given.append(item)
                     passed_items.append(Item(outcome.record, item.coords, item.key))
+            passed_by.append((step, passed, given))
             alive, current = passed, passed_items
         for index, item in zip(alive, current, strict=True):
             decided[index] = Outcome(item.record, rejected=False)
+        # What a step stored for an item a later step failed on (``error:*``) is given back
+        # (``Step.forget``): the event never becomes a sample, and a retry or a copy must not
+        # be its duplicate. An item a later layer rejects as a duplicate keeps its entries,
+        # so that a replay meets the same decisions.
+        for step, indices, given in passed_by:
+            later = [given[n] for n, index in enumerate(indices)
+                     if (final := decided[index]) is not None and final.rejected
+                     and str(final.reason).startswith("error:")]
+            if later:
+                step.forget(later)
         return [outcome for outcome in decided if outcome is not None]
 
     def seconds(self) -> dict[str, float]:
@@ -89,8 +110,14 @@ def build_pipeline(config: Curation, client: redis.Redis, *,
                           f"choose from {', '.join(STAGES)}")
     ns = namespace or config.redis.namespace
     steps: list[Step] = []
+    decontaminate = config.decontaminate
+    protected = (ProtectedStore(client, ns, decontaminate, config.fuzzy)
+                 if decontaminate.enabled else None)
     if "ingest" in stages:
-        steps += [Validate(config.ingest), ExactDedup(ExactClaims(client, ns))]
+        steps.append(Validate(config.ingest))
+        if protected is not None:
+            steps.append(Decontaminate(decontaminate, protected))
+        steps.append(ExactDedup(ExactClaims(client, ns)))
         if config.fuzzy.enabled:
             steps.append(FuzzyDedup(config.fuzzy, FuzzyIndex(client, ns, config.fuzzy)))
             if config.fuzzy.code.enabled:
@@ -99,7 +126,12 @@ def build_pipeline(config: Curation, client: redis.Redis, *,
                                                              shingling=CODE_TOKENS)))
     if "dedup" in stages:
         if config.dedup.enabled:
-            steps.append(SemanticDedup(config.dedup, embedder or load_embedder(config),
+            encoder = embedder or load_embedder(config)
+            if protected is not None:
+                encoder = SharedEncoder(encoder)
+                steps.append(ProtectedSemantic(decontaminate, config.dedup.model, encoder,
+                                               protected))
+            steps.append(SemanticDedup(config.dedup, encoder,
                                        VectorIndex(client, ns, config.dedup)))
         else:
             steps.append(PassSemantic())

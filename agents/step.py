@@ -273,6 +273,12 @@ class Step(ABC):
     def process(self, items: Sequence[Item]) -> list[Outcome]:
         """The step's decision; a filter step returns one outcome per item, in order."""
 
+    def forget(self, items: Sequence[Item]) -> None:
+        """Undo what the last ``process`` stored for ``items``, which it passed and a later
+        step failed on (``error:*``): they never become samples, so nothing may be their
+        duplicate. The base stores nothing."""
+        return None
+
     @contextmanager
     def timed(self, part: str) -> Iterator[None]:
         """Add the time spent in the block to ``seconds[part]``."""

@@ -243,6 +243,69 @@ def dedup(ctx: click.Context, input_path: Path, out_path: Path, namespace: str |
 
 
 @cli.command()
+@click.argument("paths", metavar="[FILE.jsonl[.gz]]...", nargs=-1,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--namespace", default=None, help="Index namespace (default redis.namespace).")
+@click.option("--no-semantic", is_flag=True, help="Index digests and MinHash only, no model.")
+@click.pass_context
+def decontaminate(ctx: click.Context, paths: tuple[Path, ...], namespace: str | None,
+                  no_semantic: bool) -> None:
+    """Load protected documents (JSONL: id, content, kind, language) that no event may copy;
+    without FILE, the files of decontaminate.files. Idempotent."""
+    from sluice.decontaminate import decontaminate_files
+
+    settings = settings_of(ctx)
+    files = paths or tuple(settings.decontaminate.files)
+    if not files:
+        raise click.UsageError("name a JSONL file, or set decontaminate.files")
+    decontaminate_files(settings, files, namespace=namespace, semantic=not no_semantic)
+
+
+@cli.command()
+@click.argument("paths", metavar="CORPUS...", nargs=-1, required=True,
+                type=click.Path(exists=True, path_type=Path))
+@click.option("--limit", type=click.IntRange(10), default=300, show_default=True,
+              help="Distinct records sampled from the corpus.")
+@click.option("--originals", type=click.IntRange(1), default=60, show_default=True,
+              help="Records that get a planted copy of each edit kind.")
+@click.option("--max-lost", type=click.FloatRange(0, 1), default=0.005, show_default=True,
+              help="Share of distinct records the fuzzy layers together (and the model "
+              "apart) may drop beyond near-identical ones.")
+@click.option("--no-semantic", is_flag=True, help="Calibrate the fuzzy layers only.")
+@click.option("--backends", default="torch,onnx-int8", show_default=True,
+              help="Embedding backends compared with torch (comma-separated).")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("sluice.calibrated.toml"), show_default=True,
+              help="Where the chosen settings are written.")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.pass_context
+def calibrate(ctx: click.Context, paths: tuple[Path, ...], limit: int, originals: int,
+              max_lost: float, no_semantic: bool, backends: str, out_path: Path, force: bool,
+              seed: int) -> None:
+    """Choose each dedup layer's threshold on your own files (planted copies) and write them."""
+    from rich.console import Console
+
+    from sluice.calibrate import calibrate as run_calibration
+    from sluice.calibrate import write_toml
+
+    if out_path.exists() and not force:  # before the long part, not after it
+        raise SluiceError(f"{out_path} exists: pass --force to overwrite it, or --out another "
+                          "file")
+    chosen = [b.strip() for b in backends.split(",") if b.strip()]
+    unknown = set(chosen) - {"torch", "onnx", "onnx-int8"}
+    if unknown:
+        raise SluiceError(f"--backends: unknown {', '.join(sorted(unknown))}; choose from "
+                          "torch, onnx, onnx-int8")
+    result = run_calibration(settings_of(ctx), list(paths), limit=limit, originals=originals,
+                             max_lost=max_lost, semantic=False if no_semantic else None,
+                             backends=chosen, seed=seed, console=Console(stderr=True))
+    written = write_toml(result, out_path, force=force, sources=paths)
+    click.echo(f"chosen settings written to {written} (use it with --config, or merge its "
+               "sections into your settings file)")
+
+
+@cli.command()
 @click.argument("paths", nargs=-1, type=click.Path(exists=True, path_type=Path))
 @click.option("--limit", type=int, default=2000, show_default=True,
               help="Events to produce (0: all).")

@@ -24,7 +24,13 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from agents.config import BalanceSettings, DedupSettings, FuzzySettings, IngestSettings
+from agents.config import (
+    BalanceSettings,
+    DecontaminateSettings,
+    DedupSettings,
+    FuzzySettings,
+    IngestSettings,
+)
 from sluice.config import StackSettings
 from sluice.errors import SettingsError
 from streams.config import (
@@ -71,6 +77,7 @@ class Settings(BaseSettings):
     fuzzy: FuzzySettings = FuzzySettings()
     dedup: DedupSettings = DedupSettings()
     balance: BalanceSettings = BalanceSettings()
+    decontaminate: DecontaminateSettings = DecontaminateSettings()
     trainer: TrainerSettings = TrainerSettings()
     metrics: MetricsSettings = MetricsSettings()
 
@@ -171,7 +178,8 @@ def _env_text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, list | dict | tuple):
-        return json.dumps(value)  # pydantic-settings parses complex values as JSON
+        # pydantic-settings parses complex values as JSON (a list of paths: as strings)
+        return json.dumps(value, default=str)
     return str(value)
 
 
