@@ -22,7 +22,13 @@ from agents.pipeline import Pipeline, build_pipeline
 from agents.runner import Runner, consume, item_of, send_outcomes
 from agents.step import Outcome
 from streams.app import Topics
-from streams.metrics import ADMIT_HOLD_MAX_S, INDEX_SIZE, StageMetrics
+from streams.metrics import (
+    ADMIT_HOLD_MAX_S,
+    INDEX_AGED_OUT,
+    INDEX_RACE_LOST,
+    INDEX_SIZE,
+    StageMetrics,
+)
 
 
 def _handle(stage: str, pipeline: Pipeline, run: Runner, claims: ExactClaims,
@@ -75,6 +81,9 @@ def declare_dedup(app: faust.App, topics: Topics, config: Curation, client: redi
         metrics.gauges[INDEX_SIZE] = float(await run(lambda _: index.size(), None))
         if admitting is not None:
             metrics.gauges[ADMIT_HOLD_MAX_S] = admitting.longest_hold_s
+            # Totals since the worker started (the index counts them; Prometheus counters).
+            metrics.counters[INDEX_AGED_OUT] = admitting.counts["aged_out"]
+            metrics.counters[INDEX_RACE_LOST] = admitting.counts["race_lost"]
 
     handle = _handle("dedup", pipeline, run, ExactClaims(client, config.redis.namespace),
                      topics.samples, topics, metrics, latency=True,
