@@ -60,7 +60,8 @@ class TrainerSettings(Section):
                                          "without a new batch; unset: wait for ever")
     prefetch: int = Field(4, ge=1, description="batches decoded and collated ahead of the step")
     commit_every_s: float | None = Field(0.5, ge=0, description="commit the trained position "
-                                         "to group_id at most this often (advisory: a "
+                                         "to group_id at most this often, and at once "
+                                         "when the trainer waits for data (advisory: a "
                                          "restart resumes from its checkpoint); the balance "
                                          "stage's pace = trainer follows it; unset: only at "
                                          "checkpoints")

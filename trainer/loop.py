@@ -100,7 +100,7 @@ def train(config: TrainerConfig, stop: threading.Event | None = None) -> TrainRe
         source = KafkaBatchSource(
             config, rank=world.rank, world_size=world.world_size, start=cfg.start,
             start_record=StartRecord(store.directory, world.rank),
-            idle_timeout_s=cfg.idle_timeout_s,
+            idle_timeout_s=cfg.idle_timeout_s, commit_every_s=cfg.commit_every_s,
         )
         run = resume(ckpt, learner, source)
         if cfg.compile:
@@ -125,7 +125,6 @@ def train(config: TrainerConfig, stop: threading.Event | None = None) -> TrainRe
         if world.main:
             metrics.serve(config.metrics.trainer_port, cfg.metrics_host)
         next_report = time.monotonic() + config.metrics.interval_s
-        next_commit = time.monotonic()
 
         # -- the loop ----------------------------------------------------------------------
         result = TrainResult(run.step, run.step, ckpt.path if ckpt else None, None, "max_steps")
@@ -177,11 +176,11 @@ def train(config: TrainerConfig, stop: threading.Event | None = None) -> TrainRe
                 consumed = [c for part in distributed.gather(consumed, world) for c in part]
             run.lineage.extend(consumed)
             run.trained = prefetch.state_dict()
-            if cfg.commit_every_s is not None and time.monotonic() >= next_commit:
+            if cfg.commit_every_s is not None:
                 # Advisory, between checkpoints: the balance stage paces its batches by this
-                # position (balance.pace = trainer), and Kafka's lag tools show it.
-                source.commit(run.trained["offsets"])
-                next_commit = time.monotonic() + cfg.commit_every_s
+                # position (balance.pace = trainer), and Kafka's lag tools show it. The
+                # source sends it at most every commit_every_s, and at once when idle.
+                source.commit(run.trained["offsets"], rate_limited=True)
             loss_value = float(step_loss)
             correct = positions = samples = 0
             for batch, (losses, right, count) in zip(trainable, outcomes, strict=True):

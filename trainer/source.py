@@ -112,6 +112,7 @@ class KafkaBatchSource(IterableDataset[SourcedBatch]):
         idle_timeout_s: float | None = None,
         poll_timeout_s: float = 0.2,
         max_poll_records: int = 64,
+        commit_every_s: float | None = None,
     ) -> None:
         super().__init__()
         self.settings = settings
@@ -124,6 +125,7 @@ class KafkaBatchSource(IterableDataset[SourcedBatch]):
         self.idle_timeout_s = idle_timeout_s
         self.poll_timeout_s = poll_timeout_s
         self.max_poll_records = max_poll_records
+        self.commit_every_s = commit_every_s
         self.counters = SourceCounters()
         self._positions: dict[int, int] = {}
         # batch id -> (partition, offset) of the last RECENT_BATCHES batches yielded: the
@@ -133,6 +135,8 @@ class KafkaBatchSource(IterableDataset[SourcedBatch]):
         self._resume: dict[int, int] = {}
         self._highwater: dict[int, int] = {}
         self._pending_commit: dict[int, int] | None = None
+        self._commit_due = True  # the pending commit goes at the next poll
+        self._next_commit = 0.0  # monotonic time a rate-limited commit is due
         self._lock = threading.Lock()
         self._stop = threading.Event()
 
@@ -159,14 +163,19 @@ class KafkaBatchSource(IterableDataset[SourcedBatch]):
                 if int(o) < self._resume.get(int(p), 0))
             self._positions = {}
 
-    def commit(self, offsets: dict[int, int]) -> None:
+    def commit(self, offsets: dict[int, int], *, rate_limited: bool = False) -> None:
         """Commit ``offsets`` to the consumer group at the next poll (checkpointed offsets).
 
         Advisory only — the checkpoint is the source of truth — but it lets Kafka's own
-        lag tools see the trainer, and a trainer without checkpoints resume near them.
+        lag tools see the trainer, a trainer without checkpoints resume near them, and the
+        balance stage pace itself (``balance.pace = trainer``). ``rate_limited`` (the
+        position after each step): at most every ``commit_every_s``, and at once when a
+        poll finds nothing — a trainer waiting for data must show all it trained, or a
+        balance stage that waits for it to catch up never sends the next batch.
         """
         with self._lock:
             self._pending_commit = dict(offsets)
+            self._commit_due = not rate_limited
 
     def stop(self) -> None:
         """End the iteration at the next poll (thread-safe)."""
@@ -210,6 +219,7 @@ class KafkaBatchSource(IterableDataset[SourcedBatch]):
                 )
                 self._note_highwater(consumer, assigned)
                 if not polled:
+                    self._maybe_commit(consumer, idle=True)
                     if (
                         self.idle_timeout_s is not None
                         and time.monotonic() - idle_since > self.idle_timeout_s
@@ -229,7 +239,7 @@ class KafkaBatchSource(IterableDataset[SourcedBatch]):
                             message.topic, message.partition, message.offset, batch, self.lag()
                         )
         finally:
-            self._maybe_commit(consumer)
+            self._maybe_commit(consumer, idle=True)
             consumer.close()
 
     def _consumer(self) -> KafkaConsumer:
@@ -305,11 +315,15 @@ class KafkaBatchSource(IterableDataset[SourcedBatch]):
                 with self._lock:
                     self._highwater[tp.partition] = hw
 
-    def _maybe_commit(self, consumer: KafkaConsumer) -> None:
+    def _maybe_commit(self, consumer: KafkaConsumer, *, idle: bool = False) -> None:
+        now = time.monotonic()
         with self._lock:
-            offsets, self._pending_commit = self._pending_commit, None
-        if not offsets:
-            return
+            offsets = self._pending_commit
+            if not offsets or not (idle or self._commit_due or now >= self._next_commit):
+                return
+            self._pending_commit, self._commit_due = None, True
+        if self.commit_every_s is not None:
+            self._next_commit = now + self.commit_every_s
         try:
             consumer.commit(
                 {

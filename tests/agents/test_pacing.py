@@ -212,17 +212,16 @@ def test_trainer_paced_emission_keeps_the_lag_bound_and_serves_every_batch(
         assert max(trainer.lags) == ahead  # the bound is reached: the trainer never waits
 
 
-# Known intermittent stall, kept visible rather than skipped: it passed in the full local
-# run, and in a fresh-clone run the trainer stopped idle at step 3 of 10 (the balance
-# stage composed no further batch after the trainer's commits). Open in issue 13.
-@pytest.mark.xfail(strict=False, reason="open: trainer-paced emission can stall with a real "
-                   "trainer (issue 13 note)")
 @pytest.mark.integration
+@pytest.mark.parametrize("commit_every_s", [0.2, 30.0])
 def test_the_real_trainer_paces_the_balance_stage_by_its_commits(
-        stack: Settings, tmp_path: Path) -> None:
-    """The whole loop: the trainer commits its trained position every
-    ``trainer.commit_every_s`` and the balance stage follows it with ``ahead_batches = 2``,
-    below the trainer's prefetch depth; the trainer still reaches all 10 batches."""
+        stack: Settings, tmp_path: Path, commit_every_s: float) -> None:
+    """The whole loop: the trainer commits its trained position at most every
+    ``trainer.commit_every_s``, and at once when it waits for data; the balance stage
+    follows it with ``ahead_batches = 2``, below the trainer's prefetch depth; the trainer
+    still reaches all 10 batches. With a long commit interval the steps between two commits
+    used to stay uncommitted while the trainer waited, so the balance stage saw it 2 ahead
+    and composed nothing: a stall at step 3 (seen once with 0.2 s, every time with 30 s)."""
     from trainer.loop import train
 
     group = f"trainer-{uuid.uuid4().hex[:8]}"
@@ -231,7 +230,7 @@ def test_the_real_trainer_paces_the_balance_stage_by_its_commits(
         "trainer": settings.trainer.model_copy(update={
             "group_id": group, "device": "cpu", "model": "embedding-classifier",
             "model_options": {"embedding_dim": 8, "hidden": 8}, "holdout_fraction": 0.0,
-            "max_steps": 10, "idle_timeout_s": 60.0, "commit_every_s": 0.2,
+            "max_steps": 10, "idle_timeout_s": 20.0, "commit_every_s": commit_every_s,
             "checkpoint_dir": tmp_path / "ckpt"}),
         "metrics": settings.metrics.model_copy(update={"trainer_port": 0})})
     _produce(settings, 10 * BATCH)
