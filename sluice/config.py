@@ -52,7 +52,10 @@ class StackSettings(Section):
     kafka_keystore_password: str | None = Field(None, repr=False)
     kafka_sasl_users: dict[str, str] = Field(default_factory=dict, repr=False,
                                              description="SASL/PLAIN users: name -> password")
-    kafka_heap: str = "768m"
+    kafka_heap: str = Field("768m", description="the embedded broker's Java heap, fixed "
+                            "(-Xms = -Xmx) and touched at start (-XX:+AlwaysPreTouch), so its "
+                            "resident memory is the whole heap from the first minute, not a "
+                            "slow climb to the cap that looks like a leak")
     java: str = "java"
     keytool: str = "keytool"
     maven: str = "mvn"

@@ -373,7 +373,8 @@ class KafkaProcess(_Process):
 
     def command(self) -> list[str]:
         heap = self.settings.stack.kafka_heap
-        return [self._java(), f"-Xmx{heap}", f"-Xms{heap}", "-XX:+UseG1GC",
+        return [self._java(), f"-Xmx{heap}", f"-Xms{heap}", "-XX:+AlwaysPreTouch",
+                "-XX:+UseG1GC",
                 "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true", *self._log_options(),
                 "-cp", f"{kafka_jars(self.settings)}/*", "kafka.Kafka", str(self.config_file)]
 
