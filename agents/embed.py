@@ -205,7 +205,7 @@ class Embedder:
             own = [not self.windows.is_common(d) for d in ds]
             if not any(own):
                 own = [True] * len(ds)
-            self.windows.stats["windows.common_left_out"] += own.count(False)
+            self.windows.left_out(own.count(False))
             weights += own
         owner = np.repeat(np.arange(len(texts)), [len(chunks) for chunks in per_text])
         sums = np.zeros((len(texts), self.dim), dtype=np.float32)

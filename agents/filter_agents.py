@@ -21,6 +21,7 @@ from agents.index import VectorIndex
 from agents.pipeline import Pipeline, build_pipeline
 from agents.runner import Runner, consume, item_of, send_outcomes
 from agents.step import Outcome
+from agents.windows import WindowMemory
 from streams.app import Topics
 from streams.metrics import (
     ADMIT_HOLD_MAX_S,
@@ -84,6 +85,7 @@ def declare_dedup(app: faust.App, topics: Topics, config: Curation, client: redi
             # Totals since the worker started (the index counts them; Prometheus counters).
             metrics.counters[INDEX_AGED_OUT] = admitting.counts["aged_out"]
             metrics.counters[INDEX_RACE_LOST] = admitting.counts["race_lost"]
+        publish_windows(metrics, pipeline)
 
     handle = _handle("dedup", pipeline, run, ExactClaims(client, config.redis.namespace),
                      topics.samples, topics, metrics, latency=True,
@@ -101,6 +103,18 @@ def admission_index(pipeline: Pipeline) -> VectorIndex | None:
         if isinstance(index, VectorIndex):
             return index
     return None
+
+
+def publish_windows(metrics: StageMetrics, pipeline: Pipeline) -> None:
+    """The semantic step's window-memory counters (``windows.embedded``, ``cache_hits``,
+    ``batch_repeats``, ``common_left_out``: totals since the worker started) as the
+    stage's counters; nothing without a semantic step that embeds."""
+    for step in pipeline.steps:
+        windows = getattr(getattr(step, "embedder", None), "windows", None)
+        if isinstance(windows, WindowMemory):
+            for name, n in windows.totals().items():
+                metrics.counters[name] = n
+            return
 
 
 def release_failed_claims(args: tuple[ExactClaims, Sequence[Outcome]]) -> None:

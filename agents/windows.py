@@ -62,6 +62,16 @@ class WindowMemory:
             while len(self._counts) > self.counted:
                 self._counts.popitem(last=False)
 
+    def left_out(self, n: int) -> None:
+        """Count ``n`` common windows left out of a record's mean."""
+        with self._lock:
+            self.stats["windows.common_left_out"] += n
+
+    def totals(self) -> dict[str, int]:
+        """The counters so far (a copy, taken under the lock: the executor writes them)."""
+        with self._lock:
+            return dict(self.stats)
+
     def is_common(self, digest: bytes) -> bool:
         """Carried by at least ``common_after`` of the records counted."""
         return 0 < self.common_after <= self._counts.get(digest, 0)

@@ -123,3 +123,30 @@ def test_kinds_and_classes_left_out_pass_without_the_model(settings: DedupSettin
     code = [items[0].record["content"], items[3].record["content"]]
     windows = {window_digest(w) for chunks in embedder.chunks(code) for w in chunks}
     assert embedder.windows.stats["windows.embedded"] == len(windows)
+
+
+
+@pytest.mark.integration
+def test_the_dedup_stage_publishes_the_window_counters(settings: DedupSettings,
+                                                       client: redis.Redis) -> None:
+    """What the window memory saved reaches the dedup stage's metrics (Prometheus
+    ``sluice_windows_*_total``), read under its lock while the executor may write."""
+    from agents.filter_agents import publish_windows
+    from agents.pipeline import Pipeline
+    from streams.metrics import StageMetrics
+
+    embedder = Embedder(settings)
+    pipeline = Pipeline([SemanticDedup(settings, embedder,
+                                       VectorIndex(client, f"test-{uuid.uuid4().hex}",
+                                                   settings))])
+    items = [_candidate(f"w{i}", "CODE", LICENCE[:1500] + _file(name), Coords("t", 0, i))
+             for i, name in enumerate(("json/decoder.py", "csv.py", "glob.py", "shlex.py"))]
+    pipeline.run(items)
+    metrics = StageMetrics("dedup")
+    publish_windows(metrics, pipeline)
+    assert metrics.counters["windows.embedded"] == embedder.windows.stats["windows.embedded"] > 0
+    # The licence's windows: embedded once, then repeats or hits; left out once common.
+    assert metrics.counters["windows.cache_hits"] + metrics.counters[
+        "windows.batch_repeats"] > 0
+    assert metrics.counters["windows.common_left_out"] > 0
+    publish_windows(metrics, Pipeline([]))  # no semantic step: nothing to publish
