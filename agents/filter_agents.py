@@ -23,6 +23,7 @@ from agents.runner import Runner, consume, item_of, send_outcomes
 from agents.step import Outcome
 from agents.windows import WindowMemory
 from streams.app import Topics
+from streams.heap import HeapTrimmer
 from streams.metrics import (
     ADMIT_HOLD_MAX_S,
     INDEX_AGED_OUT,
@@ -30,6 +31,9 @@ from streams.metrics import (
     INDEX_SIZE,
     StageMetrics,
 )
+
+#: One per process (the heap is the process's): both filter stages of a worker share it.
+HEAP = HeapTrimmer()
 
 
 def _handle(stage: str, pipeline: Pipeline, run: Runner, claims: ExactClaims,
@@ -54,6 +58,7 @@ def _handle(stage: str, pipeline: Pipeline, run: Runner, claims: ExactClaims,
         metrics.add_seconds(pipeline.seconds())
         if after is not None:
             await after()
+        await run(lambda _: HEAP.maybe_trim(), None)
 
     return handle
 
@@ -62,8 +67,12 @@ def declare_ingest(app: faust.App, topics: Topics, config: Curation, client: red
                    metrics: StageMetrics) -> None:
     pipeline = build_pipeline(config, client, stages=["ingest"])
     run = Runner("ingest", metrics, stopping=lambda: app.should_stop)
+
+    async def aged_out() -> None:
+        publish_aged_out(metrics, pipeline)
+
     handle = _handle("ingest", pipeline, run, ExactClaims(client, config.redis.namespace),
-                     topics.candidates, topics, metrics)
+                     topics.candidates, topics, metrics, after=aged_out)
 
     @app.agent(topics.raw, name="sluice-ingest")
     async def ingest(stream: faust.StreamT) -> None:
@@ -103,6 +112,15 @@ def admission_index(pipeline: Pipeline) -> VectorIndex | None:
         if isinstance(index, VectorIndex):
             return index
     return None
+
+
+def publish_aged_out(metrics: StageMetrics, pipeline: Pipeline) -> None:
+    """The fuzzy steps' ``<step>.aged_out`` counters (items their index's horizon removed,
+    totals since the worker started) as the stage's counters."""
+    for step in pipeline.steps:
+        for name, n in step.counters.items():
+            if name.endswith(".aged_out"):
+                metrics.counters[name] = n
 
 
 def publish_windows(metrics: StageMetrics, pipeline: Pipeline) -> None:

@@ -298,3 +298,22 @@ def test_ingest_without_fuzzy_and_dedup_disabled_build_without_any_service() -> 
     assert [type(s) for s in dedup.steps] == [PassSemantic]
     both = build_pipeline(config, unreachable())
     assert [s.name for s in both.steps] == ["validate", "exact", "semantic"]
+
+
+def test_the_ingest_stage_publishes_what_each_fuzzy_horizon_aged_out() -> None:
+    from agents.filter_agents import publish_aged_out
+    from agents.pipeline import Pipeline
+    from streams.metrics import StageMetrics
+
+    class Aging(Step):
+        name = "fuzzy"
+
+        def process(self, items: Sequence[Item]) -> list[Outcome]:
+            return [Outcome(i.record, rejected=False) for i in items]
+
+    step = Aging()
+    step.counters["fuzzy.aged_out"] = 7
+    step.counters["in"] = 3  # the step's own flow counters stay with the stage's
+    metrics = StageMetrics("ingest")
+    publish_aged_out(metrics, Pipeline([step]))
+    assert metrics.counters["fuzzy.aged_out"] == 7 and metrics.counters["in"] == 0
