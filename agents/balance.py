@@ -10,6 +10,15 @@ outruns training), the pool fills to ``buffer_cap`` per class and evicts the old
 data-limited (training outruns the stream), samples are drawn again up to ``reuse_cap``
 times and, when even that leaves less than a batch, ``starved`` says so.
 
+One rule paces every batch in both regimes (``agents.compose.sustainable_caps``): no class
+is drawn faster than it can sustain, i.e. its fresh samples, plus ``reuse_cap`` uses per
+arrival (``flow``: samples arriving per sample drawn; 1 under ``arrivals`` pace, measured
+under ``trainer`` pace, where what was buffered before the first batch is stock), plus its
+repeated uses spread over the pool's remaining life. When arrivals keep the pool full the
+caps do not bind and the policy's targets pick the batch; when they do not, a scarce class
+stays in every stretch of batches instead of using up its reuse in the first ones, and
+``starved`` (and ``short``) says the pool cannot meet the targets.
+
 Its state (EMA, rounding credit, sequence, pending count, last offset counted) is a
 JSON-able dict that the Faust agent keeps in a changelog-backed table: it sets ``state``
 before ``run`` and reassigns the table value from it afterwards.
@@ -44,6 +53,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from agents.buffers import Admitted, Recorded, SequenceTaken
 from agents.compose import (
+    Flow,
+    Supply,
     allocate_with_credit,
     assemble_batch,
     batch_id,
@@ -52,6 +63,9 @@ from agents.compose import (
     fit_samples,
     kafka_reserve,
     label_problem,
+    paced_shares,
+    sustainable_caps,
+    update_flow,
     utf8_prefix,
 )
 from agents.config import BalanceSettings
@@ -80,6 +94,7 @@ class Buffers(Protocol):
     def unsent(self) -> list[Recorded]: ...
     def confirm(self, sequence: int) -> None: ...
     def sizes(self) -> dict[str, int]: ...
+    def supply(self) -> dict[str, Supply]: ...
     def replay_size(self) -> int: ...
     def evictions(self) -> dict[str, int]: ...
 
@@ -117,8 +132,10 @@ class Balance(Step):
 
     The caller sends each batch and then calls ``confirm(batch)``; ``release()`` hands the
     unconfirmed ones back, so the next run re-sends them. Counters: ``replayed`` (samples
-    already counted), ``batches.resent``, ``truncated.<kind>``, ``relabeled.<reason>`` and
-    ``in.label.<label>`` (the class each sample was counted in).
+    already counted), ``batches.resent``, ``batches.short`` (composed while the pool could
+    not meet the targets: a class held below its target share by what it can sustain),
+    ``truncated.<kind>``, ``relabeled.<reason>`` and ``in.label.<label>`` (the class each
+    sample was counted in).
     """
 
     name = "balance"
@@ -139,8 +156,12 @@ class Balance(Step):
         #: The partition's state (the Faust table value); a fresh dict after every run.
         self.state: dict[str, Any] = {}
         self._in_flight: set[int] = set()  # sequences handed out, not yet confirmed
-        #: ``paced`` found the pool short of a full batch (the trainer waits for data).
+        #: The last ``paced`` call found the pool unable to meet the targets: short of a full
+        #: batch (the trainer waits for data), or a class held below its target share by
+        #: what it can sustain (``short``).
         self.starved = False
+        #: Classes the last composed batch held below their target share, by how much.
+        self.short: dict[str, float] = {}
 
     # -- the caller's side of the outbox --------------------------------------------------
     def confirm(self, batch: CuratedBatch) -> None:
@@ -226,7 +247,8 @@ class Balance(Step):
     def paced(self, budget: int) -> list[CuratedBatch]:
         """Up to ``budget`` batches for a trainer that is behind (``pace = trainer``): first
         any recorded batch nobody is sending, then one composed from the pool each time it
-        holds a full batch (counting replays); ``starved`` when it does not."""
+        holds a full batch (counting replays); ``starved`` when it does not, or when a
+        batch could not meet the targets (``short``)."""
         b = self.settings
         state = dict(self.state)
         state, out = self._recover(state, set(self._in_flight))
@@ -239,27 +261,49 @@ class Balance(Step):
             batch = self.compose(ClassEMA.restore(state.get("ema"), b.alpha, b.window), state)
             if batch is None:
                 break
+            self.starved = self.starved or bool(self.short)
             out.append(batch)
         self.state = state
         self._in_flight |= {int(batch["sequence"]) for batch in out}
         return out
 
     def compose(self, ema: ClassEMA, state: dict[str, Any]) -> CuratedBatch | None:
-        """Draw and record one batch by the policy; on success ``state`` becomes the state
-        after it (sequence, credit, pending)."""
+        """Draw and record one batch by the policy, each class paced by what it can
+        sustain (module doc); on success ``state`` becomes the state after it (sequence,
+        credit, pending, and under trainer pace the measured ``flow``)."""
         b = self.settings
         difficulty = self.losses.difficulty()
         targets = targets_for(ema.get(), b, difficulty, state.get("priority"))
         replays = min(int(b.batch_size * b.replay_fraction), self.buffers.replay_size())
+        draws = b.batch_size - replays
+        supply = self.buffers.supply()
+        # Arrivals pace draws one sample per arrival by construction; trainer pace measures
+        # it, and a state without a flow yet (no trainer-paced batch) has only stock.
+        trainer = b.pace == "trainer"
+        flow = Flow(*state["flow"]) if trainer and state.get("flow") else Flow()
+        paced = paced_shares(targets.shares, sustainable_caps(
+            draws, supply, targets.natural, flow.get() if trainer else 1.0, b.reuse_cap))
+        self.short = paced.short
+        # The importance weight is what this draw's share is over the natural one: a class
+        # held below its target is drawn less often than the target says, and a trainer
+        # that undoes the oversampling (trainer.loss_weights) must undo only what happened.
+        weights = {c: paced.shares[c] / targets.natural[c] if paced.shares.get(c, 0.0) > 0.0
+                   else w for c, w in targets.weights.items()}
         counts, credit = allocate_with_credit(
-            b.batch_size - replays, targets.shares, self.buffers.sizes(),
+            draws, paced.shares, {c: s.waiting for c, s in supply.items()},
             state.get("credit") or {})
+        extra: dict[str, Any] = {}
+        if trainer:
+            extra["flow"] = list(update_flow(flow, int(state.get("pending", 0)),
+                                             sum(counts.values()), b.alpha, b.window)
+                                 if "flow" in state else flow)
         while True:
             sequence = int(state.get("sequence", 0))
-            after = {**state, "sequence": sequence + 1, "credit": credit, "pending": 0}
+            after = {**state, "sequence": sequence + 1, "credit": credit, "pending": 0,
+                     **extra}
             meta = {"created_at": now_ms(), "policy": self.policy, "seed": b.seed,
                     "class_shares": ema.shares(), "target_shares": targets.shares,
-                    "weights": targets.weights, "difficulty": difficulty, "state": after}
+                    "weights": weights, "difficulty": difficulty, "state": after}
             try:
                 rows = self.buffers.compose(sequence, counts, replays, meta)
             except SequenceTaken as taken:
@@ -271,6 +315,8 @@ class Balance(Step):
                 continue
             if not rows:
                 return None
+            if paced.short:
+                self.counters["batches.short"] += 1
             state.clear()
             state.update(after)
             # Assembled from the meta as the record keeps it (JSON), so a re-send from

@@ -15,11 +15,17 @@ local function release(skey, retain)
 end
 """
 
+# The supply hash keeps, per class, ``u:<label>``: the uses left in its queued samples
+# (each counts ``max(cap - uses, 1)``: a queued sample is drawn at least once more) and
+# ``f:<label>``: its queued samples never drawn. Every script that adds, evicts or draws
+# keeps it exact; one that meets a queued id whose payload is gone (it cannot know that
+# sample's uses) sets ``x:<label>``, and ``SUPPLY`` counts that class again.
+
 # Shared: take up to ``want`` samples of one class list into ``out``, oldest first; a
 # drawn sample's use count goes up, below the cap it goes back to the tail, at the cap it
 # leaves. Each id present at the start is visited at most once (re-queued ids go behind).
 _DRAW_CLASS = _RELEASE + """
-local function draw_class(qkey, want, excluded, cap, retain, prefix, out)
+local function draw_class(qkey, label, supply, want, excluded, cap, retain, prefix, out)
   local budget = redis.call('LLEN', qkey)
   local got = 0
   while got < want and budget > 0 do
@@ -32,20 +38,25 @@ local function draw_class(qkey, want, excluded, cap, retain, prefix, out)
       local uses = redis.call('HINCRBY', skey, 'uses', 1)
       out[#out + 1] = redis.call('HGETALL', skey)
       got = got + 1
+      redis.call('HINCRBY', supply, 'u:' .. label, -1)
+      if uses == 1 then redis.call('HINCRBY', supply, 'f:' .. label, -1) end
       if uses < cap then redis.call('RPUSH', qkey, id) else release(skey, retain) end
+    else
+      redis.call('HSET', supply, 'x:' .. label, 1)
     end
   end
 end
 """
 
-# KEYS: seen, class list, classes, evictions, outbox index
-# ARGV: id, label, buffer_cap, seen_ttl, retain, sample-key prefix, mark, field, value, ...
+# KEYS: seen, class list, classes, evictions, outbox index, supply
+# ARGV: id, label, buffer_cap, seen_ttl, retain, sample-key prefix, mark, reuse_cap,
+#       field, value, ...
 # Returns {1 if new else 0, the mark the id was first added with ('' if none), unsent}.
 # The mark is '@<offset>' (the samples offset that added it) or '1' (offset unknown).
 ADD = _RELEASE + """
 local id, label = ARGV[1], ARGV[2]
 local cap, ttl, retain = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local prefix, mark = ARGV[6], ARGV[7]
+local prefix, mark, reuse = ARGV[6], ARGV[7], tonumber(ARGV[8])
 local skey = prefix .. id
 local unsent = redis.call('ZCARD', KEYS[5])
 -- A replayed id is a no-op; the payload check also covers a seen-mark that expired.
@@ -55,14 +66,24 @@ if first or redis.call('EXISTS', skey) == 1 then
 end
 redis.call('HSET', KEYS[1], id, mark)
 if ttl > 0 then redis.call('HEXPIRE', KEYS[1], ttl, 'FIELDS', 1, id) end
-redis.call('HSET', skey, 'uses', '0', unpack(ARGV, 8))
+redis.call('HSET', skey, 'uses', '0', unpack(ARGV, 9))
 redis.call('RPUSH', KEYS[2], id)
 redis.call('SADD', KEYS[3], label)
+redis.call('HINCRBY', KEYS[6], 'u:' .. label, reuse)
+redis.call('HINCRBY', KEYS[6], 'f:' .. label, 1)
 local evicted = 0
 while redis.call('LLEN', KEYS[2]) > cap do
   local old = prefix .. redis.call('LPOP', KEYS[2])
+  local used = redis.call('HGET', old, 'uses')
+  if used then
+    local n = tonumber(used)
+    redis.call('HINCRBY', KEYS[6], 'u:' .. label, -math.max(reuse - n, 1))
+    if n == 0 then redis.call('HINCRBY', KEYS[6], 'f:' .. label, -1) end
+  else
+    redis.call('HSET', KEYS[6], 'x:' .. label, 1)
+  end
   -- Only a sample that went into a batch can come back as a hard example.
-  if redis.call('HGET', old, 'uses') == '0' then
+  if used == '0' then
     redis.call('DEL', old)
   else
     release(old, retain)
@@ -73,17 +94,19 @@ if evicted > 0 then redis.call('HINCRBY', KEYS[4], label, evicted) end
 return {1, mark, unsent}
 """
 
-# KEYS: one class list per class drawn
+# KEYS: supply, then one class list per class drawn
 # ARGV: reuse_cap, retain, sample-key prefix, number of excluded ids, excluded ids...,
-#       then one count per KEYS entry
+#       then one count per class list, then one label per class list
 DRAW = _DRAW_CLASS + """
 local cap, retain, prefix = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local nexcl = tonumber(ARGV[4])
 local excluded = {}
 for i = 1, nexcl do excluded[ARGV[4 + i]] = true end
+local nclass = #KEYS - 1
 local out = {}
-for k, qkey in ipairs(KEYS) do
-  draw_class(qkey, tonumber(ARGV[4 + nexcl + k]), excluded, cap, retain, prefix, out)
+for k = 1, nclass do
+  draw_class(KEYS[1 + k], ARGV[4 + nexcl + nclass + k], KEYS[1],
+             tonumber(ARGV[4 + nexcl + k]), excluded, cap, retain, prefix, out)
 end
 return out
 """
@@ -91,10 +114,10 @@ return out
 # The draw of one batch and its record, in one step: pop up to ``replays`` hard examples,
 # draw the class counts (never a popped replay), and record every drawn row with the
 # batch's meta under the outbox entry of ``sequence``, until the sender confirms it.
-# KEYS: outbox index (zset), the entry (hash), next sequence (string), replay zset, then
-#       one class list per class drawn
+# KEYS: outbox index (zset), the entry (hash), next sequence (string), replay zset,
+#       supply (hash), then one class list per class drawn
 # ARGV: reuse_cap, retain, sample-key prefix, sequence, meta, replays, then one count per
-#       class list
+#       class list, then one label per class list
 # Returns {-1, next} when ``sequence`` is below the next free one (nothing done),
 # {0} when nothing could be drawn (nothing recorded), or {1, {{replay flag, row}, ...}}.
 COMPOSE = _DRAW_CLASS + """
@@ -113,8 +136,10 @@ while #replays < nrep do
   end
 end
 local drawn = {}
-for k = 5, #KEYS do
-  draw_class(KEYS[k], tonumber(ARGV[2 + k]), excluded, cap, retain, prefix, drawn)
+local nclass = #KEYS - 5
+for k = 1, nclass do
+  draw_class(KEYS[5 + k], ARGV[6 + nclass + k], KEYS[5], tonumber(ARGV[6 + k]), excluded,
+             cap, retain, prefix, drawn)
 end
 local rows = {}
 for _, row in ipairs(drawn) do rows[#rows + 1] = {'0', row} end
@@ -133,6 +158,52 @@ redis.call('HSET', KEYS[2], 'meta', meta, 'n', #rows)
 redis.call('ZADD', KEYS[1], seq, seq)
 redis.call('SET', KEYS[3], seq + 1)
 return {1, rows}
+"""
+
+# What each class can still give: {label, waiting, uses left, fresh, ...}, sorted by label.
+# A class whose counts are marked stale (``x:<label>``) or cannot be right (none yet:
+# buffers written before the supply hash existed) is counted again from its queue, once:
+# ids without a payload leave the queue (a draw would skip them anyway).
+# KEYS: classes set, supply.  ARGV: class-list key prefix, sample-key prefix, reuse_cap
+SUPPLY = """
+local qprefix, prefix, cap = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local labels = redis.call('SMEMBERS', KEYS[1])
+table.sort(labels)
+local out = {}
+for _, label in ipairs(labels) do
+  local qkey = qprefix .. label
+  local n = redis.call('LLEN', qkey)
+  local u = tonumber(redis.call('HGET', KEYS[2], 'u:' .. label) or '-1')
+  local f = tonumber(redis.call('HGET', KEYS[2], 'f:' .. label) or '-1')
+  local stale = redis.call('HGET', KEYS[2], 'x:' .. label)
+  if stale or u < n or u > cap * n or f < 0 or f > n then
+    u, f = 0, 0
+    local kept = {}
+    for _, id in ipairs(redis.call('LRANGE', qkey, 0, -1)) do
+      local used = redis.call('HGET', prefix .. id, 'uses')
+      if used then
+        local x = tonumber(used)
+        kept[#kept + 1] = id
+        u = u + math.max(cap - x, 1)
+        if x == 0 then f = f + 1 end
+      end
+    end
+    if #kept < n then
+      redis.call('DEL', qkey)
+      for i = 1, #kept, 1000 do
+        redis.call('RPUSH', qkey, unpack(kept, i, math.min(i + 999, #kept)))
+      end
+      n = #kept
+    end
+    redis.call('HSET', KEYS[2], 'u:' .. label, u, 'f:' .. label, f)
+    redis.call('HDEL', KEYS[2], 'x:' .. label)
+  end
+  out[#out + 1] = label
+  out[#out + 1] = n
+  out[#out + 1] = u
+  out[#out + 1] = f
+end
+return out
 """
 
 # KEYS: replay zset, replay counter.  ARGV: sample-key prefix, replay_cap, ids...

@@ -18,6 +18,8 @@ tag: one partition's keys share a slot, which its scripts need):
 | ``…:seen``             | hash   | id → ``@<offset>`` that first added it (field TTL         |
 |                        |        | ``seen_ttl_s``): replays are no-ops                        |
 | ``…:evictions``        | hash   | label → samples evicted because the class was full          |
+| ``…:supply``           | hash   | ``u:<label>`` → uses left in the class's queued samples,    |
+|                        |        | ``f:<label>`` → its queued samples never drawn (``supply``) |
 | ``…:replay``           | zset   | hard examples to replay, by arrival                         |
 | ``…:replay:seq``       | string | the replay arrival counter                                  |
 | ``…:outbox``           | zset   | sequences of composed batches not yet confirmed sent       |
@@ -43,6 +45,7 @@ import redis
 from redis.cluster import RedisCluster
 
 from agents import buffer_scripts
+from agents.compose import Supply
 from agents.config import BalanceSettings
 from agents.identity import store_id
 from agents.keys import buffer_prefix, labels_key
@@ -135,6 +138,7 @@ class ClassBuffers:
         self._push_replay = redis_client.register_script(buffer_scripts.PUSH_REPLAY)
         self._pop_replay = redis_client.register_script(buffer_scripts.POP_REPLAY)
         self._admit_label = redis_client.register_script(buffer_scripts.ADMIT_LABEL)
+        self._supply = redis_client.register_script(buffer_scripts.SUPPLY)
 
     # -- keys ----------------------------------------------------------------------------
     def _key(self, *parts: str) -> str:
@@ -158,11 +162,11 @@ class ClassBuffers:
                 value = sample[name]
                 fields += [name, bytes(value) if name == "embedding" else str(value)]
             keys = [self._key("seen"), self.queue_key(label), self._key("classes"),
-                    self._key("evictions"), self._key("outbox")]
+                    self._key("evictions"), self._key("outbox"), self._key("supply")]
             mark = "1" if offset is None else f"@{int(offset)}"
             # Keyed by its name in the stores: a later version of an id is a new sample.
             args = [store_id(sample), label, self.buffer_cap, self.seen_ttl_s,
-                    self.retain_s, self._sample_prefix, mark, *fields]
+                    self.retain_s, self._sample_prefix, mark, self.reuse_cap, *fields]
         except (KeyError, TypeError, ValueError) as exc:
             raise BufferStoreError(
                 f"sample {sample.get('id')!r} cannot be buffered: {exc!r}"
@@ -224,9 +228,10 @@ class ClassBuffers:
         if not wanted:
             return []
         excluded = list(dict.fromkeys(exclude))
-        keys = [self.queue_key(label) for label, _ in wanted]
+        keys = [self._key("supply"), *(self.queue_key(label) for label, _ in wanted)]
         args: list[str | int] = [self.reuse_cap, self.retain_s, self._sample_prefix,
-                                 len(excluded), *excluded, *(n for _, n in wanted)]
+                                 len(excluded), *excluded, *(n for _, n in wanted),
+                                 *(label for label, _ in wanted)]
         with _redis_errors("draw"):
             rows = self._draw(keys=keys, args=args)
         return [_decode_sample(row, replay=False) for row in rows]
@@ -243,11 +248,11 @@ class ClassBuffers:
         """
         wanted = [(label, int(n)) for label, n in counts.items() if n > 0]
         keys = [self._key("outbox"), self._key("outbox", str(sequence)),
-                self._key("outbox", "next"), self._key("replay"),
+                self._key("outbox", "next"), self._key("replay"), self._key("supply"),
                 *(self.queue_key(label) for label, _ in wanted)]
         args: list[Any] = [self.reuse_cap, self.retain_s, self._sample_prefix, int(sequence),
                            json.dumps(meta, sort_keys=True), max(int(replays), 0),
-                           *(n for _, n in wanted)]
+                           *(n for _, n in wanted), *(label for label, _ in wanted)]
         with _redis_errors("compose"):
             reply = self._compose(keys=keys, args=args)
         if int(reply[0]) < 0:
@@ -324,6 +329,20 @@ class ClassBuffers:
             for label in labels:
                 pipe.llen(self.queue_key(label))
             return dict(zip(labels, (int(n) for n in pipe.execute()), strict=True))
+
+    def supply(self) -> dict[str, Supply]:
+        """What each class can still give, in one round trip: samples waiting, the uses
+        left in them and how many were never drawn (``agents.compose.sustainable_caps``
+        paces the draws by it). Kept exact by every script that adds, evicts or draws; a
+        class whose counts are missing (buffers from before they were kept), marked stale (a
+        draw or an eviction met a queued id whose payload was gone) or impossible is counted
+        again from its queue, once."""
+        with _redis_errors("supply"):
+            flat = self._supply(keys=[self._key("classes"), self._key("supply")],
+                                args=[self.queue_key(""), self._sample_prefix,
+                                      self.reuse_cap])
+        return {_text(flat[i]): Supply(int(flat[i + 1]), int(flat[i + 2]), int(flat[i + 3]))
+                for i in range(0, len(flat), 4)}
 
     def evictions(self) -> dict[str, int]:
         """Samples evicted per class since the buffers began."""

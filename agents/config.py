@@ -97,18 +97,26 @@ class FuzzySettings(Section):
 
 
 class HorizonSettings(Section):
-    """How much the semantic index remembers: on an endless stream, the oldest admissions
-    age out (``VREM``) so memory stays bounded; an aged-out item no longer blocks a copy."""
+    """How much every dedup layer remembers: on an endless stream the oldest admissions age
+    out so memory stays bounded; an aged-out item no longer blocks a copy. One setting, one
+    meaning in every layer: the semantic index (the vector set, ``agents.index``) and each
+    fuzzy MinHash-LSH index (words and code tokens, ``agents.fuzzy_index``) trim their
+    oldest items before each call; exact claims and first-digest keys (``agents.exact``)
+    expire after ``age_s`` (a Redis TTL; ``items`` does not bound them)."""
 
-    items: int = Field(0, ge=0, description="admitted items kept at most (the oldest go "
-                       "first, before each admission call: the set may exceed it by one "
-                       "micro-batch); 0: no count limit")
+    items: int = Field(0, ge=0, description="admitted items kept at most, per semantic or "
+                       "fuzzy index (the oldest go first, before each admission call: an "
+                       "index may exceed it by one micro-batch); not applied to exact "
+                       "claims, which only age_s bounds; 0: no count limit")
     age_s: float = Field(0.0, ge=0, description="items admitted longer ago than this (by "
-                         "the Redis server's clock) age out before each admission call; "
-                         "0: no age limit")
+                         "the Redis server's clock) age out of the semantic and fuzzy "
+                         "indexes before each admission call, and exact claims and "
+                         "first-digest keys expire after it (TTL); 0: no age limit")
     evict_per_call: int = Field(256, ge=1, le=4096, description="aged-out items removed "
-                                "per admission call at most, so one call stays short; keep "
-                                "it above dedup.batch_size so the set catches up")
+                                "per admission call and index at most, so one call stays "
+                                "short; keep it above the micro-batch size "
+                                "(dedup.batch_size, ingest.batch_size) so each index "
+                                "catches up")
 
 
 _KINDS: tuple[Literal["CODE", "TEXT"], ...] = ("CODE", "TEXT")
@@ -174,7 +182,22 @@ class DedupSettings(Section):
                                  "another worker is still settling waits at most this long "
                                  "for its fate (kept, or lost a race: then decided again); "
                                  "past it (that worker died) the item counts as kept")
+    shards: int = Field(1, ge=1, le=256, description="vector sets the index is split into, "
+                        "one per coarse centroid (k-means, `sluice shards fit`): an item is "
+                        "written to the set of its nearest centroid, and each set has its "
+                        "own hash tag, so a Redis Cluster spreads them; 1: one set (no "
+                        "centroids). Must match the namespace's centroids: the worker "
+                        "refuses to start otherwise")
+    probe: int = Field(2, ge=1, le=256, description="shards searched per item: its nearest "
+                       "centroids' sets (capped at shards). A near copy whose original "
+                       "lives in a shard it does not probe is missed (a border miss; "
+                       "bench.index --shards measures them); each probe costs one VSIM")
     horizon: HorizonSettings = HorizonSettings()
+
+    @property
+    def probes(self) -> int:
+        """Shards searched per item: ``probe``, at most ``shards``."""
+        return min(self.probe, self.shards)
 
 
 class DecontaminateSettings(Section):

@@ -30,7 +30,7 @@ import redis
 
 from agents.code_tokens import CodeDoc
 from agents.config import CodeFuzzySettings, DecontaminateSettings, FuzzySettings
-from agents.fuzzy import CODE_TOKENS, WORDS, FuzzyDecision, FuzzyIndex, Shingling
+from agents.fuzzy_index import CODE_TOKENS, WORDS, FuzzyDecision, FuzzyIndex, Shingling
 from agents.keys import protected_code_lsh_prefix, protected_lsh_prefix, protected_prefix
 from agents.normalize import content_digest, normalize
 from agents.semantic import Encoder

@@ -3,6 +3,15 @@
 The store is ``ExactClaims`` (``SET digest id NX GET`` in Redis, one round trip per batch);
 the decision (``ExactDedup``) is pure given the owners the store returns, so it is unit
 tested with any ``Claims`` object.
+
+Horizon (``dedup.horizon``): with ``age_s``, every claim and first-digest key is written
+with that TTL (``SET … NX GET PX``, one command as before), so Redis expires it on its own;
+a claim is not renewed by the copies it rejects, so the age counts from the first claim,
+as in the other layers. After it, a copy is admitted again, and a new version of an id
+seen longer ago is taken for a first version. ``items`` does not bound these keys: a count
+would need one ordered log of every digest (one hot key on a Redis Cluster, where the keys
+themselves spread over every slot), a second write per claim and a trim that deletes keys
+across slots, where a TTL is free and native. On an endless stream set ``age_s`` for them.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ from typing import Protocol
 
 import redis
 
+from agents.config import HorizonSettings
 from agents.keys import exact_key, first_digest_key
 from agents.step import Item, Outcome, Step, rejection
 
@@ -24,18 +34,25 @@ class Claims(Protocol):
 
 
 class ExactClaims:
-    """Digest claims in Redis, shared by every worker of a namespace."""
+    """Digest claims in Redis, shared by every worker of a namespace; with a ``horizon``
+    whose ``age_s`` is set, claims and first digests expire that long after they are made."""
 
-    def __init__(self, client: redis.Redis, namespace: str) -> None:
+    def __init__(self, client: redis.Redis, namespace: str,
+                 horizon: HorizonSettings | None = None) -> None:
         self.redis = client
         self.namespace = namespace
+        self.horizon = horizon
+        # PX in whole milliseconds, at least 1 (0 would be refused): None, no expiry.
+        self._px = (max(1, round(horizon.age_s * 1000))
+                    if horizon is not None and horizon.age_s else None)
 
     def claim(self, pairs: Sequence[tuple[str, str]]) -> list[str]:
         """``SET NX GET`` each digest: the first id to claim it keeps it; the same id
-        again (a replay) gets itself back."""
+        again (a replay) gets itself back. With an age horizon the claim expires (``PX``)."""
         pipe = self.redis.pipeline(transaction=False)
         for digest, event_id in pairs:
-            pipe.set(exact_key(self.namespace, digest), event_id, nx=True, get=True)
+            pipe.set(exact_key(self.namespace, digest), event_id, nx=True, get=True,
+                     px=self._px)
         owners = []
         for (_, event_id), owner in zip(pairs, pipe.execute(), strict=True):
             if owner is None:
@@ -50,7 +67,8 @@ class ExactClaims:
         either version alike (``agents.identity``)."""
         pipe = self.redis.pipeline(transaction=False)
         for event_id, digest in pairs:
-            pipe.set(first_digest_key(self.namespace, event_id), digest, nx=True, get=True)
+            pipe.set(first_digest_key(self.namespace, event_id), digest, nx=True, get=True,
+                     px=self._px)
         firsts = []
         for (_, digest), first in zip(pairs, pipe.execute(), strict=True):
             firsts.append(digest if first is None else

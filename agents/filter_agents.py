@@ -10,7 +10,9 @@ stops while it waits) is held, never acked (``agents.runner.consume``).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
 
 import faust
 import redis
@@ -20,6 +22,7 @@ from agents.exact import ExactClaims
 from agents.index import VectorIndex
 from agents.pipeline import Pipeline, build_pipeline
 from agents.runner import Runner, consume, item_of, send_outcomes
+from agents.sharded_index import ShardedIndex
 from agents.step import Outcome
 from agents.windows import WindowMemory
 from streams.app import Topics
@@ -82,14 +85,13 @@ def declare_ingest(app: faust.App, topics: Topics, config: Curation, client: red
 def declare_dedup(app: faust.App, topics: Topics, config: Curation, client: redis.Redis,
                   metrics: StageMetrics) -> None:
     pipeline = build_pipeline(config, client, stages=["dedup"])  # loads the model now
-    index = VectorIndex(client, config.redis.namespace, config.dedup)
     admitting = admission_index(pipeline)
     run = Runner("dedup", metrics, stopping=lambda: app.should_stop)
     metrics.labels["model"] = config.dedup.model if config.dedup.enabled else "none"
 
     async def index_gauges() -> None:
-        metrics.gauges[INDEX_SIZE] = float(await run(lambda _: index.size(), None))
         if admitting is not None:
+            metrics.gauges[INDEX_SIZE] = float(await run(lambda _: admitting.size(), None))
             metrics.gauges[ADMIT_HOLD_MAX_S] = admitting.longest_hold_s
             # Totals since the worker started (the index counts them; Prometheus counters).
             metrics.counters[INDEX_AGED_OUT] = admitting.counts["aged_out"]
@@ -105,11 +107,22 @@ def declare_dedup(app: faust.App, topics: Topics, config: Curation, client: redi
         await consume(stream, config.dedup.batch_size, config.dedup.batch_within_s, handle)
 
 
-def admission_index(pipeline: Pipeline) -> VectorIndex | None:
-    """The vector set the pipeline's semantic step admits into (None: no semantic step)."""
+class AdmissionIndex(Protocol):
+    """What the dedup stage reports of the index it admits into: one vector set
+    (``agents.index.VectorIndex``) or its shards (``agents.sharded_index.ShardedIndex``)."""
+
+    counts: Counter[str]
+
+    @property
+    def longest_hold_s(self) -> float: ...
+    def size(self) -> int: ...
+
+
+def admission_index(pipeline: Pipeline) -> AdmissionIndex | None:
+    """The index the pipeline's semantic step admits into (None: no semantic step)."""
     for step in pipeline.steps:
         index = getattr(step, "index", None)
-        if isinstance(index, VectorIndex):
+        if isinstance(index, VectorIndex | ShardedIndex):
             return index
     return None
 

@@ -48,6 +48,10 @@ Score scale (pinned by a test against numpy): ``VSIM … WITHSCORES`` returns
 
 Horizon (``dedup.horizon``): before each call the oldest admissions past the count or age
 limit leave the set, the vectors and the log (``counts["aged_out"]``).
+
+With ``dedup.shards`` > 1, ``agents.sharded_index`` splits the index by nearest centroid:
+each shard is a ``VectorIndex`` over its own keys (``prefix``), and the search, write and
+settle above run across the shards an item probes.
 """
 
 from __future__ import annotations
@@ -62,7 +66,8 @@ import redis
 
 from agents.admission import decide, settle
 from agents.config import DedupSettings
-from agents.keys import vset_key, vset_prefix
+from agents.horizon import DUE_LUA
+from agents.keys import vset_prefix
 from schemas.errors import SluiceError
 
 # KEYS: log, clock, vectors. ARGV[1]: the clock read before the search; ARGV[2..]: kept ids.
@@ -85,27 +90,6 @@ end
 return out
 """
 
-# KEYS: log. ARGV: most items (0: no limit), oldest age in µs (0: no limit), most returned.
-# The ids past the horizon, oldest first (read only: the caller removes them).
-DUE_LUA = """
-local limit = tonumber(ARGV[3])
-local due = {}
-local most = tonumber(ARGV[1])
-if most > 0 then
-  local excess = redis.call('ZCARD', KEYS[1]) - most
-  if excess > 0 then due = redis.call('ZRANGE', KEYS[1], 0, math.min(excess, limit) - 1) end
-end
-local age = tonumber(ARGV[2])
-if age > 0 and #due < limit then
-  local t = redis.call('TIME')
-  local cutoff = tonumber(t[1]) * 1000000 + tonumber(t[2]) - age
-  local old = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', string.format('%.0f', cutoff),
-                         'LIMIT', 0, limit)
-  -- both are prefixes of the log by clock: their union is the longer one
-  if #old > #due then due = old end
-end
-return due
-"""
 
 _QUANTIZATION = {"int8": "Q8", "noquant": "NOQUANT", "bin": "BIN"}
 
@@ -151,12 +135,15 @@ class VectorIndex:
         redis_client: redis.Redis,
         namespace: str,
         settings: DedupSettings,
+        prefix: str | None = None,
     ) -> None:
+        """``prefix``: where the keys live, when not the namespace's one set (one shard of
+        ``agents.sharded_index``, ``agents.keys.shard_prefix``)."""
         self.client = redis_client
         self.namespace = namespace
         self.settings = settings
-        self.key = vset_key(namespace)
-        prefix = vset_prefix(namespace)
+        prefix = prefix or vset_prefix(namespace)
+        self.key = f"{prefix}:set"  # vset_key(namespace) for the namespace's one set
         self.vectors_key, self.log_key = f"{prefix}:vec", f"{prefix}:log"
         self.clock_key, self.pending_key = f"{prefix}:clock", f"{prefix}:pending"
         # EVALSHA with the locally computed SHA; redis-py loads the script and retries once

@@ -7,12 +7,23 @@ land in one slot. Keys used one at a time carry no tag and spread over every slo
 | what | key | type |
 |---|---|---|
 | exact claims | ``sluice:<ns>:exact:<digest>`` | string: the first id to claim the digest |
+| | | (TTL ``dedup.horizon.age_s`` when set) |
 | first versions | ``sluice:<ns>:first:<id>`` | string: the first digest seen under the id |
-| fuzzy index | ``sluice:{<ns>:lsh}:meta``, ``…:sig``, ``…:seq``, ``…:band:…`` | ``agents.fuzzy`` |
-| code fuzzy index | ``sluice:{<ns>:lsh-code}:meta``, ``…:sig``, ``…:seq``, ``…:band:…`` | same |
+| | | (TTL ``dedup.horizon.age_s`` when set) |
+| fuzzy index | ``sluice:{<ns>:lsh}:meta``, ``…:sig``, ``…:seq``, ``…:order``, | |
+| | ``…:band:…`` | ``agents.fuzzy_index`` |
+| code fuzzy index | ``sluice:{<ns>:lsh-code}:meta``, ``…:sig``, ``…:seq``, ``…:order``, | same |
+| | ``…:band:…`` | |
 | semantic index | ``sluice:{<ns>:vset}:set``, ``…:vec``, ``…:log``, ``…:clock``, | vector set, |
 | | ``…:pending`` | FP32 vectors (hash), admission log (zset), its clock, ids |
 | | | written but not yet settled (set); ``agents.index`` |
+| semantic shards | ``sluice:{<ns>:vset:<version>:<shard>}:set``, ``…:vec``, | the same, one |
+| | ``…:log``, ``…:clock``, ``…:pending``, ``…:shadows`` | tag per shard of a centroid |
+| | | version, with the log of items probing it from another home (zset of |
+| | | ``<home>:<id>``); ``agents.sharded_index`` |
+| centroids | ``sluice:<ns>:shards:current`` (string: the version in use), | |
+| | ``…:shards:seq`` (the last version fitted), ``…:shards:<version>`` | hash: the record |
+| | | (``agents.shards.encode_centroids``); each used alone |
 | class buffers | ``sluice:{<ns>:buf:<partition>}:…`` | see ``agents.buffers`` (with the |
 | | | composed batches not yet confirmed sent: ``…:outbox``) |
 | class labels | ``sluice:<ns>:labels`` | set: the labels admitted (at most ``max_labels``) |
@@ -97,10 +108,33 @@ def protected_prefix(namespace: str) -> str:
 
 
 def protected_lsh_prefix(namespace: str) -> str:
-    """The protected documents' word MinHash-LSH index (``agents.fuzzy`` layout)."""
+    """The protected documents' word MinHash-LSH index (``agents.fuzzy_index`` layout)."""
     return f"{protected_prefix(namespace)}:lsh"
 
 
 def protected_code_lsh_prefix(namespace: str) -> str:
-    """The protected documents' code-token MinHash-LSH index (``agents.fuzzy`` layout)."""
+    """The protected documents' code-token MinHash-LSH index (``agents.fuzzy_index``
+    layout)."""
     return f"{protected_prefix(namespace)}:lsh-code"
+
+
+def shard_prefix(namespace: str, version: int, shard: int) -> str:
+    """Prefix of one shard of a sharded semantic index (``dedup.shards`` > 1): the same
+    layout as ``vset_prefix``, one tag per (centroid version, shard), so a Redis Cluster
+    spreads the shards over its slots."""
+    return f"sluice:{{{namespace}:vset:{version}:{shard}}}"
+
+
+def centroids_current_key(namespace: str) -> str:
+    """The centroid version the namespace's workers use (a string; absent: unsharded)."""
+    return f"sluice:{namespace}:shards:current"
+
+
+def centroids_seq_key(namespace: str) -> str:
+    """The last centroid version handed out (``INCR``: each fit gets a new one)."""
+    return f"sluice:{namespace}:shards:seq"
+
+
+def centroids_key(namespace: str, version: int) -> str:
+    """One centroid version's record (a hash: ``agents.shards.encode_centroids``)."""
+    return f"sluice:{namespace}:shards:{version}"

@@ -29,9 +29,10 @@ from agents.decontaminate import (
     SharedEncoder,
 )
 from agents.exact import ExactClaims, ExactDedup
-from agents.fuzzy import CODE_TOKENS, CodeFuzzyDedup, FuzzyDedup, FuzzyIndex
-from agents.index import VectorIndex
+from agents.fuzzy import CodeFuzzyDedup, FuzzyDedup
+from agents.fuzzy_index import CODE_TOKENS, FuzzyIndex
 from agents.semantic import Encoder, PassSemantic, SemanticDedup
+from agents.sharded_index import build_vector_index
 from agents.step import Item, Outcome, Step
 from agents.validate import Validate
 from schemas.errors import SluiceError
@@ -117,13 +118,16 @@ def build_pipeline(config: Curation, client: redis.Redis, *,
         steps.append(Validate(config.ingest))
         if protected is not None:
             steps.append(Decontaminate(decontaminate, protected))
-        steps.append(ExactDedup(ExactClaims(client, ns)))
+        horizon = config.dedup.horizon  # bounds every dedup layer, not only the vector set
+        steps.append(ExactDedup(ExactClaims(client, ns, horizon)))
         if config.fuzzy.enabled:
-            steps.append(FuzzyDedup(config.fuzzy, FuzzyIndex(client, ns, config.fuzzy)))
+            steps.append(FuzzyDedup(config.fuzzy, FuzzyIndex(client, ns, config.fuzzy,
+                                                              horizon=horizon)))
             if config.fuzzy.code.enabled:
                 code = config.fuzzy.code
                 steps.append(CodeFuzzyDedup(code, FuzzyIndex(client, ns, code,
-                                                             shingling=CODE_TOKENS)))
+                                                             shingling=CODE_TOKENS,
+                                                             horizon=horizon)))
     if "dedup" in stages:
         if config.dedup.enabled:
             encoder = embedder or load_embedder(config)
@@ -132,7 +136,7 @@ def build_pipeline(config: Curation, client: redis.Redis, *,
                 steps.append(ProtectedSemantic(decontaminate, config.dedup.model, encoder,
                                                protected))
             steps.append(SemanticDedup(config.dedup, encoder,
-                                       VectorIndex(client, ns, config.dedup)))
+                                       build_vector_index(client, ns, config.dedup)))
         else:
             steps.append(PassSemantic())
     return Pipeline(steps)

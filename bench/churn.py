@@ -567,17 +567,20 @@ def where_stuck(settings: Any, undecided: set[str], unbuffered: set[str]) -> dic
 
 
 def account(ledger: Ledger, produced: list[str], groups: list[set[str]], index: set[str],
-            in_buffers: set[str], threshold: float, where: dict[str, str] | None = None
-            ) -> dict[str, Any]:
+            in_buffers: set[str], threshold: float, where: dict[str, str] | None = None,
+            live: set[str] | None = None) -> dict[str, Any]:
     """Every figure of the accounting, and the ids behind each failure. ``where``
     (``where_stuck``) tells lost from still in flight; without it every id without an
-    outcome counts as lost."""
+    outcome counts as lost. ``live`` (with a ``dedup.horizon``): the samples still in the
+    index, the only ones "no two admitted within the threshold" covers — a copy that
+    arrives after its original aged out is admitted, as the horizon means."""
     where = where or {}
     decided = ledger.decisions
     samples = {i for i, d in decided.items() if ("kept", None, None) in d}
+    covered = samples if live is None else samples & live
     changed = {i: sorted(map(str, d)) for i, d in decided.items() if len(d) > 1}
-    doubled_groups = [sorted(g & samples) for g in groups if len(g & samples) > 1]
-    close = close_pairs(ledger.vectors, samples, threshold)
+    doubled_groups = [sorted(g & covered) for g in groups if len(g & covered) > 1]
+    close = close_pairs(ledger.vectors, covered, threshold)
     uses: dict[str, set[str]] = {}
     for batch_id, copies in ledger.batches.items():
         for sample_id in copies[0][1]:

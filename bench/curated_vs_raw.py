@@ -39,7 +39,10 @@ Method (the same text is printed with the results and stored in the JSON):
      same batches trained with ``trainer.loss_weights`` on (each sample's batch weight,
      target share / natural share, normalized per batch, weights its loss). The other
      arms train with ``loss_weights`` off; their batch weights are all 1 (checked and
-     shown), so with it on they would compute the same loss.
+     shown), so with it on they would compute the same loss. Each regime also shows, for
+     one stream order, every class's samples per quarter of the run (a class used up
+     early shows as zeros at the end), and how many batches the step composed while the
+     pool could not meet the policy's targets (its ``batches.short``).
 6. Each arm's batches go to its own topic on the private embedded Kafka, and
    ``trainer.loop.train`` runs the ``embedding-classifier`` for ``steps`` optimizer steps
    from the topic's beginning (trainer defaults, but warm-up = steps / 10 and the seed of
@@ -84,7 +87,7 @@ from bench.curation.corpus import (
     split_holdout,
     write_eval_jsonl,
 )
-from bench.curation.report import arm_stats, shares, show_regime, summarize
+from bench.curation.report import arm_stats, shares, show_quarters, show_regime, summarize
 from bench.curation.training import arm_settings, eval_every, produce, train_arm
 
 BATCH = 8
@@ -204,10 +207,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if starved:
             console.print(f"[yellow]{regime}: the balance step starved (seed, policy, batches "
                           f"composed): {starved}; those batches were cycled to {steps}[/yellow]")
+        short = [(r["seed"], p, c.get("short_batches", 0), c.get("short_from")) for r in reps
+                 for p, c in r["regimes"][regime]["composition"].items()
+                 if c.get("short_batches")]
+        if short:
+            console.print(f"{regime}: batches composed while the pool could not meet the "
+                          f"targets (seed, policy, batches, from about batch): {short}")
         show_regime(f"{regime}: {steps} steps × {BATCH} = {steps * BATCH} samples consumed, "
                     f"{len(train)} offered (ratio {ratio:g}), embedding-classifier, eval every "
                     f"{eval_every(steps)} steps, {len(seeds)} stream orders (mean ± sd)",
                     summaries[regime], steps, len(seeds), train_counts, heldout_counts)
+        show_quarters(f"{regime}: samples of each class per quarter of the {steps} steps "
+                      f"(stream order {seeds[0]})", reps[0]["regimes"][regime]["arms"],
+                      train_counts)
     payload = {
         "method": METHOD, "batch_size": BATCH, "regimes": {
             regime: {"offered_per_consumed": ratio,

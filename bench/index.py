@@ -1,6 +1,8 @@
 """The semantic admission index at scale, on real embeddings.
 
-``python -m bench.index [--quick]``
+``python -m bench.index [--quick]``; ``python -m bench.index [--quick] --shards N [--probe P]``
+compares one vector set with N shards (``agents.sharded_index``) on a private three-master
+Redis Cluster (``shard_rows``).
 
 Vectors: all-MiniLM-L6-v2 embeddings of distinct lines of the standard library's sources
 (cached under ~/.cache/sluice/bench/ after the first run; 14k lines take ~5 min to embed
@@ -36,13 +38,16 @@ re-implementing it here would measure a copy, not it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sysconfig
+import tempfile
 import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -54,7 +59,6 @@ from bench.common import (
     RESULTS,
     embed_cached,
     private_redis,
-    quick_flag,
     show,
     write_result,
 )
@@ -402,5 +406,176 @@ def seed_cache_from(lines_txt: Path, lines_npy: Path) -> None:
             embed_cached(texts[:n], "torch", embedder=_Stub())
 
 
+# -- sharded: one set against N shards on a Redis Cluster --------------------------------------
+
+FIT_SAMPLE = 2000  # real vectors the centroids are fitted on (the first of the stream)
+
+
+@contextlib.contextmanager
+def private_cluster(masters: int = 3) -> Iterator[Any]:
+    """A throwaway Redis Cluster of ``masters`` masters (sluice's own cluster code, as
+    ``sluice up --redis-cluster``), its AOF fsync turned off (the disk is not what is
+    measured); a cluster client on it; always stopped."""
+    from redis.cluster import RedisCluster
+
+    from sluice.ports import free_port, free_port_block
+    from sluice.redis_cluster import RedisClusterProcesses
+    from sluice.settings import load_settings
+    from streams.connections import redis_client
+
+    with tempfile.TemporaryDirectory() as folder:
+        settings = load_settings(state_dir=folder, stack={
+            "kafka_port": free_port(), "controller_port": free_port(),
+            "redis_port": free_port(), "redis_cluster": masters,
+            "redis_cluster_port": free_port_block(masters)})
+        cluster = RedisClusterProcesses(settings)
+        cluster.start()
+        client = redis_client(settings.redis)
+        try:
+            client.config_set("appendfsync", "no", target_nodes=RedisCluster.ALL_NODES)
+            yield settings, client
+        finally:
+            client.close()
+            cluster.stop()
+
+
+def measure_sharded(settings: Any, client: Any, vectors: np.ndarray, fit_on: np.ndarray,
+                    shards: int, probe: int, workers: int = 2) -> dict[str, Any]:
+    """Fill one index (one set, or ``shards`` shards probing ``probe``) through the
+    product's ``admit``; then planted copies, pairs within the threshold, and the
+    aggregate rate of ``workers`` threads on a second fresh index."""
+    from agents.config import DedupSettings
+    from agents.keys import shard_prefix
+    from agents.sharded_index import CentroidStore, build_vector_index
+    from agents.shards import kmeans
+    from streams.connections import redis_client
+
+    dedup = DedupSettings(shards=shards, probe=probe)
+
+    masters = len({node.name for node in client.get_primaries()})
+
+    def fresh() -> str:
+        # A namespace whose shards sit on as many masters as can be (the slots of its
+        # hash tags decide; the centroids' first version is 1).
+        while True:
+            namespace = f"bench-{uuid.uuid4().hex}"
+            nodes = {client.get_node_from_key(f"{shard_prefix(namespace, 1, s)}:set").name
+                     for s in range(shards)}
+            if shards == 1 or len(nodes) == min(shards, masters):
+                break
+        if shards > 1:
+            store = CentroidStore(client, namespace)
+            fitted = store.save(kmeans(fit_on, shards, seed=0), samples=len(fit_on),
+                                model=dedup.model, source="corpus")
+            store.activate(fitted.version)
+        return namespace
+
+    namespace = fresh()
+    index = build_vector_index(client, namespace, dedup)
+    walls, holds, admitted = [], [], []
+    dup_flag = np.zeros(len(vectors), dtype=bool)
+    try:
+        for pos in range(0, len(vectors), BATCH):
+            ids = [str(i) for i in range(pos, min(pos + BATCH, len(vectors)))]
+            decisions = index.admit(ids, vectors[pos:pos + len(ids)])
+            walls.append(index.last_call_s)
+            holds.append(index.last_hold_s)
+            for offset, decision in enumerate(decisions):
+                if decision.keep:
+                    admitted.append(pos + offset)
+                else:
+                    dup_flag[pos + offset] = True
+        size = index.size()
+        sets = getattr(index, "shards", [index])
+        nodes = {client.get_node_from_key(s.key).name for s in sets}
+        row: dict[str, Any] = {
+            "shards": shards, "probe": min(probe, shards), "size": size,
+            "per_shard": [s.size() for s in sets], "masters": len(nodes),
+            "admit_per_s": len(vectors) / sum(walls), "load_avg_1m": os.getloadavg()[0],
+            "call_p50_ms": float(np.percentile(walls, 50) * 1e3),
+            "call_p99_ms": float(np.percentile(walls, 99) * 1e3),
+            "script_p50_ms": float(np.percentile(holds, 50) * 1e3),
+            "script_p99_ms": float(np.percentile(holds, 99) * 1e3),
+            "bytes_per_item": index.memory_bytes() / max(size, 1)}
+        row["pairs_within_threshold"], row["pairs_checked_rows"] = _pairs_within(
+            vectors, admitted, dedup.threshold)
+        row.update(_decision_agreement(vectors, admitted, dup_flag, dedup.threshold))
+        row.update(_planted(index, vectors, admitted, dedup.threshold))
+    finally:
+        index.clear()
+    # Aggregate rate: ``workers`` threads, each its own cluster client, disjoint halves.
+    namespace = fresh()
+    indexes = [build_vector_index(redis_client(settings.redis), namespace, dedup)
+               for _ in range(workers)]
+    slices = np.array_split(np.arange(len(vectors)), workers)
+    barrier = threading.Barrier(workers)
+
+    def work(worker_index: Any, rows: np.ndarray) -> None:
+        barrier.wait()
+        for start in range(0, len(rows), BATCH):
+            chunk = rows[start:start + BATCH]
+            worker_index.admit([str(i) for i in chunk], vectors[chunk])
+
+    threads = [threading.Thread(target=work, args=pair)
+               for pair in zip(indexes, slices, strict=True)]
+    t0 = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    row[f"admit_per_s_{workers}_workers"] = len(vectors) / (time.perf_counter() - t0)
+    row["races_lost"] = sum(i.counts["race_lost"] for i in indexes)
+    indexes[0].clear()
+    for worker_index in indexes:
+        worker_index.client.close()
+    return row
+
+
+def run_shards(quick: bool, shards: int, probe: int) -> dict[str, Any]:
+    """One set against ``shards`` shards (probing ``probe``, and 1), on a private
+    three-master cluster; writes bench/results/index-shards[-quick].json."""
+    n_real = 11_000 if quick else 13_000
+    real = real_vectors(n_real + HELD_OUT)[:-HELD_OUT]
+    vectors = vectors_for(10_000 if quick else 100_000, real)
+    fit_on = vectors[:FIT_SAMPLE]
+    rows = []
+    with private_cluster() as (settings, client):
+        for count, probes in ((1, 1), (shards, probe), (shards, 1)):
+            rows.append(measure_sharded(settings, client, vectors, fit_on, count, probes))
+    show(f"one set vs {shards} shards on a 3-master Redis Cluster (batches of {BATCH}, real "
+         f"embeddings, centroids by k-means on the first {FIT_SAMPLE:,})",
+         ["shards", "probe", "size", "per shard", "masters", "admit/s", "admit/s 2 workers",
+          "call p50 ms", "call p99 ms", "script p99 ms", "B/item", "planted recall",
+          "pairs ≥ thr", "dup recall", "dup precision"],
+         [[r["shards"], r["probe"], r["size"], r["per_shard"], r["masters"],
+           r["admit_per_s"], r["admit_per_s_2_workers"], r["call_p50_ms"],
+           r["call_p99_ms"], r["script_p99_ms"], r["bytes_per_item"], r["planted_recall"],
+           f"{r['pairs_within_threshold']} / {r['pairs_checked_rows']} rows",
+           r["dup_recall"], r["dup_precision"]] for r in rows])
+    payload = {"batch": BATCH, "real_vectors": len(real), "fit_sample": FIT_SAMPLE,
+               "rows": rows, "note": "a private 3-master cluster on this machine, AOF fsync "
+               "off; dup recall/precision against brute force over this index's own "
+               "admitted items (a border miss lowers recall); planted copies are FP32 "
+               "near-copies of admitted rows at cosine uniform in [threshold + 0.002, 0.998]"}
+    write_result("index-shards", quick, payload)
+    return payload
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``--quick``, and ``--shards N [--probe P]`` for the sharded comparison."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.index")
+    parser.add_argument("--quick", action="store_true", help="small sizes")
+    parser.add_argument("--shards", type=int, default=0,
+                        help="compare one set with this many shards on a Redis Cluster")
+    parser.add_argument("--probe", type=int, default=2, help="shards probed (with --shards)")
+    args = parser.parse_args(argv)
+    if args.shards > 1:
+        run_shards(args.quick, args.shards, args.probe)
+    else:
+        run(args.quick)
+
+
 if __name__ == "__main__":
-    run(quick_flag())
+    main()

@@ -28,11 +28,12 @@ from typing import Any
 from unittest import mock
 
 from bench.common import private_stack, quick_flag, show, source_lines, write_result
+from schemas.records import RawEvent
 
 GOAL = 10_000
 
 
-def small_events(n: int) -> list[dict[str, Any]]:
+def small_events(n: int) -> list[RawEvent]:
     """``n`` RawEvents of one real source line each."""
     lines = source_lines(n, seed=7)
     return [{"id": f"line-{i}", "source": "bench:stdlib", "kind": "CODE",
@@ -48,7 +49,7 @@ def encoders() -> dict[str, Callable[..., bytes]]:
     return {"avro": encode_reference, "fastavro": encode}
 
 
-def encode_rate(encoder: Callable[..., bytes], events: list[dict[str, Any]]) -> float:
+def encode_rate(encoder: Callable[..., bytes], events: list[RawEvent]) -> float:
     """Events/s of the encoder alone."""
     started = time.perf_counter()
     for event in events:
@@ -57,7 +58,7 @@ def encode_rate(encoder: Callable[..., bytes], events: list[dict[str, Any]]) -> 
 
 
 def produce_rate(settings: Any, encoder: Callable[..., bytes],
-                 events: list[dict[str, Any]]) -> dict[str, float]:
+                 events: list[RawEvent]) -> dict[str, float]:
     """Events/s of ``EventProducer`` with ``encoder``, first send to last ack, on a fresh
     topic (so that no run appends to another's log)."""
     from streams.producer import EventProducer

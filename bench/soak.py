@@ -1,8 +1,9 @@
 """Soak: one ``sluice worker`` at about 80 % of its own measured capacity for half an hour,
 with the memory of every process printed each minute; then the accounting.
 
-``python -m bench.soak [--quick] [--minutes N] [--load 0.8]`` (30 minutes by default,
-``--quick`` 3).
+``python -m bench.soak [--quick] [--minutes N] [--load 0.8] [--horizon-items N]
+[--horizon-age-s S]`` (30 minutes by default, ``--quick`` 3; the horizon options set the
+worker's ``dedup.horizon``, which bounds every dedup layer).
 
 A private embedded Kafka + Redis (the project's stack code, Redis append-only as
 ``sluice up`` runs it), four partitions, one worker (agents ingest, dedup, balance) and the
@@ -16,12 +17,15 @@ kind of events.
 2. The soak: events at ``--load`` × that capacity, at a steady rate, for ``--minutes``.
    Every minute one row: events produced and decided, the backlog, the RSS of the worker
    (with any children), of Kafka and of Redis (``/proc``), Redis' ``used_memory`` and
-   ``used_memory_rss`` (``INFO memory``) and the vector set's size.
+   ``used_memory_rss`` (``INFO memory``), its key count (``DBSIZE``), the vector set's size
+   and the two fuzzy indexes' sizes (words / code tokens).
 3. The summary: memory after the warm-up (the row at minute ``max(1, minutes // 6)``)
-   against the last row, per process; flat within 10 % is the goal. Redis holds the
-   indexes, which grow with every admitted sample by design (no retention horizon yet), so
-   its growth is also shown per new index member. Then the accounting of
-   ``bench.churn``: produced / outcomes / double admissions / lost.
+   against the last row, per process; flat within 10 % is the goal. Without a horizon
+   Redis holds every admitted sample in every layer, so its growth is also shown per new
+   index member. Then Redis per layer at the end (keys and ``MEMORY USAGE`` by key prefix,
+   one ``SCAN``), and the accounting of ``bench.churn``: produced / outcomes / double
+   admissions / lost. With a horizon, samples that aged out of the vector set are counted
+   as such, not as missing from it.
 
 ``reuse_cap`` is 1 and the policy ``natural`` (``bench.churn.isolated``), so a sample in
 two batches is a fault. Bounded in time: start-up, the capacity burst (at most 10
@@ -104,15 +108,52 @@ def redis_memory(settings: Any) -> dict[str, int]:
         client.close()
 
 
-def vset_size(settings: Any) -> int:
-    from agents.keys import vset_key
+def index_sizes(settings: Any) -> dict[str, int]:
+    """Items in the vector set and in the two fuzzy indexes, and Redis' key count."""
+    from agents.keys import code_lsh_prefix, lsh_prefix, vset_key
     from streams.connections import redis_client
 
+    ns = settings.redis.namespace
     client = redis_client(settings.redis)
     try:
-        return int(client.execute_command("VCARD", vset_key(settings.redis.namespace)) or 0)
+        return {"vset": int(client.execute_command("VCARD", vset_key(ns)) or 0),
+                "fuzzy": int(client.hlen(f"{lsh_prefix(ns)}:sig")),
+                "fuzzy_code": int(client.hlen(f"{code_lsh_prefix(ns)}:sig")),
+                "keys": int(client.dbsize())}
     finally:
         client.close()
+
+
+#: Key prefixes of the namespace's stores (``agents.keys``), in the order shown.
+LAYERS = (("exact claims", "sluice:{ns}:exact:"), ("first digests", "sluice:{ns}:first:"),
+          ("fuzzy words", "sluice:{{{ns}:lsh}}:"), ("fuzzy code", "sluice:{{{ns}:lsh-code}}:"),
+          ("semantic", "sluice:{{{ns}:vset}}:"), ("buffers", "sluice:{{{ns}:buf:"))
+
+
+def layer_memory(settings: Any) -> list[dict[str, Any]]:
+    """Keys and bytes (``MEMORY USAGE``) per store of the namespace, by one ``SCAN``: cheap
+    enough once at the end (a soak's namespace holds thousands of keys, not millions)."""
+    from streams.connections import redis_client
+
+    ns = settings.redis.namespace
+    prefixes = [(name, pattern.format(ns=ns)) for name, pattern in LAYERS]
+    client = redis_client(settings.redis)
+    try:
+        keys = [k.decode() if isinstance(k, bytes) else str(k)
+                for k in client.scan_iter(match="sluice:*", count=1000)]
+        pipe = client.pipeline(transaction=False)
+        for key in keys:
+            pipe.memory_usage(key)
+        sizes = pipe.execute() if keys else []
+    finally:
+        client.close()
+    count: dict[str, int] = {name: 0 for name, _ in [*prefixes, ("other", "")]}
+    used = dict(count)
+    for key, size in zip(keys, sizes, strict=True):
+        name = next((n for n, p in prefixes if key.startswith(p)), "other")
+        count[name] += 1
+        used[name] += int(size or 0)
+    return [{"layer": name, "keys": count[name], "bytes": used[name]} for name in count]
 
 
 def corpus(minutes: int, burst: int) -> list[tuple[str, str]]:
@@ -170,17 +211,18 @@ def sample(minute: float, settings: Any, stack: Any, worker: Worker, producer: S
             "worker_rss": rss_bytes(worker.pid, with_children=True),
             "kafka_rss": rss_bytes(stack.kafka.pid()), "redis_rss": rss_bytes(stack.redis.pid()),
             "redis_used": redis["used"], "redis_used_rss": redis["rss"],
-            "vset": vset_size(settings)}
+            **index_sizes(settings)}
 
 
 COLUMNS = ["min", "produced", "decided", "backlog", "worker RSS MiB", "Kafka RSS MiB",
-           "Redis RSS MiB", "Redis used MiB", "vector set"]
+           "Redis RSS MiB", "Redis used MiB", "Redis keys", "vector set", "fuzzy words/code"]
 
 
 def _row(r: dict[str, Any]) -> list[Any]:
     return [r["minute"], r["produced"], r["decided"], r["backlog"],
             f"{r['worker_rss'] / MIB:.0f}", f"{r['kafka_rss'] / MIB:.0f}",
-            f"{r['redis_rss'] / MIB:.1f}", f"{r['redis_used'] / MIB:.1f}", r["vset"]]
+            f"{r['redis_rss'] / MIB:.1f}", f"{r['redis_used'] / MIB:.1f}", r["keys"],
+            r["vset"], f"{r['fuzzy']}/{r['fuzzy_code']}"]
 
 
 def summary(rows: list[dict[str, Any]], warmup_minute: int) -> list[dict[str, Any]]:
@@ -202,8 +244,10 @@ def summary(rows: list[dict[str, Any]], warmup_minute: int) -> list[dict[str, An
 
 
 def run(minutes: int, load: float, burst: int, drain_s: float, quick: bool,
-        keep: Path | None = None) -> dict[str, Any]:
-    """Capacity, then the soak at ``load`` × capacity, then the accounting."""
+        keep: Path | None = None, horizon: dict[str, float] | None = None) -> dict[str, Any]:
+    """Capacity, then the soak at ``load`` × capacity, then the accounting. ``horizon``:
+    the worker's ``dedup.horizon`` fields (``items``, ``age_s``, ``evict_per_call``)."""
+    from agents.config import HorizonSettings
     from sluice.stack import Stack
 
     rows: list[dict[str, Any]] = []
@@ -211,7 +255,9 @@ def run(minutes: int, load: float, burst: int, drain_s: float, quick: bool,
     with workdir(keep, "sluice-soak-") as tmp, \
             private_stack(Path(tmp) / "stack") as base, crew(base, Path(tmp)) as workers:
         stack = Stack(base)
-        settings = isolated(base, partitions=4)
+        # A validated section, not a dict: ``isolated`` copies it in without validating.
+        sections = {"dedup": {"horizon": HorizonSettings(**horizon)}} if horizon else {}
+        settings = isolated(base, partitions=4, **sections)
         worker = Worker("worker0", settings, Path(tmp)).start()
         workers.append(worker)
         wait_for_group(settings, 1, workers)
@@ -257,8 +303,15 @@ def run(minutes: int, load: float, burst: int, drain_s: float, quick: bool,
         everything = earlier + produced
         where = where_stuck(settings, set(everything) - set(ledger.decisions),
                             samples - in_buffers)
-        figures = account(ledger, everything, groups + stream.groups, index_members(settings),
-                          in_buffers, settings.dedup.threshold, where)
+        members = index_members(settings)
+        # With a horizon a sample missing from the vector set aged out of it (bounded
+        # memory is the point): counted apart, so only members that are no sample fail.
+        aged = (samples - members) if horizon else set()
+        figures = account(ledger, everything, groups + stream.groups, members | aged,
+                          in_buffers, settings.dedup.threshold, where,
+                          live=members if horizon else None)
+        figures["vset"], figures["vset_aged_out"] = len(members), len(aged)
+        layers = layer_memory(settings)
         ledger.close()
         show(f"soak: one worker at {rate:.2f} events/s ({load:.0%} of {capacity:.2f}), "
              f"memory every minute", COLUMNS, [_row(r) for r in rows])
@@ -272,12 +325,16 @@ def run(minutes: int, load: float, burst: int, drain_s: float, quick: bool,
         for f in flat:
             if "per_member" in f:
                 console.print(f"{f['what']}: {f['per_member']:,.0f}")
+        show(f"Redis per layer at the end (dedup.horizon: {horizon or 'none'}; "
+             f"{len(aged)} samples aged out of the vector set)",
+             ["layer", "keys", "MEMORY USAGE MiB"],
+             [[x["layer"], x["keys"], f"{x['bytes'] / MIB:.2f}"] for x in layers])
         problems = report(f"soak accounting (drained {drained_s:.0f} s after the last event)",
                           figures, workers)
     payload = {"minutes": minutes, "load": load, "capacity_events_per_s": capacity,
                "capacity_burst": {"events": burst_n, "seconds": burst_s}, "rate": rate,
                "rows": rows, "memory": flat, "drain_s": drained_s, "figures": figures,
-               "failures": problems}
+               "horizon": horizon or {}, "layers": layers, "failures": problems}
     write_result("soak", quick, payload)
     return payload
 
@@ -293,12 +350,25 @@ def main(argv: list[str] | None = None) -> int:
                         help="most seconds to wait for the backlog after the last event")
     parser.add_argument("--keep", type=Path, default=None,
                         help="keep the stack's state and the logs in this folder")
+    parser.add_argument("--horizon-items", type=int, default=0,
+                        help="dedup.horizon.items: items each semantic / fuzzy index keeps "
+                             "at most (default 0: no limit)")
+    parser.add_argument("--horizon-age-s", type=float, default=0.0,
+                        help="dedup.horizon.age_s: every layer forgets (and exact claims "
+                             "expire) after this many seconds (default 0: never)")
+    parser.add_argument("--horizon-evict", type=int, default=None,
+                        help="dedup.horizon.evict_per_call (default: the setting's default)")
     args = parser.parse_args(argv)
+    horizon: dict[str, float] = {}
+    if args.horizon_items or args.horizon_age_s:
+        horizon = {"items": args.horizon_items, "age_s": args.horizon_age_s}
+        if args.horizon_evict is not None:
+            horizon["evict_per_call"] = args.horizon_evict
     # SIGTERM unwinds like Ctrl-C: the worker and the stack are stopped on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     minutes = args.minutes or (3 if args.quick else 30)
     burst = args.burst or (100 if args.quick else 300)
-    result = run(minutes, args.load, burst, args.drain_s, args.quick, args.keep)
+    result = run(minutes, args.load, burst, args.drain_s, args.quick, args.keep, horizon)
     return 1 if result["failures"] else 0
 
 

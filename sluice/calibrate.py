@@ -46,7 +46,7 @@ from rich.table import Table
 
 from agents.code_tokens import CodeDoc
 from agents.config import DedupSettings
-from agents.fuzzy import CODE_TOKENS, WORDS, FuzzyIndex, LayerSettings, Shingling
+from agents.fuzzy_index import CODE_TOKENS, WORDS, FuzzyIndex, LayerSettings, Shingling
 from agents.pipeline import build_pipeline
 from agents.planting import EDITS, Event, gather, planted
 from agents.step import Coords, Item

@@ -305,6 +305,86 @@ def calibrate(ctx: click.Context, paths: tuple[Path, ...], limit: int, originals
                "sections into your settings file)")
 
 
+@cli.group()
+def shards() -> None:
+    """Shard the semantic index by nearest coarse centroid (dedup.shards > 1)."""
+
+
+@shards.command(name="fit")
+@click.argument("paths", metavar="[CORPUS_OR_SAMPLE]...", nargs=-1,
+                type=click.Path(exists=True, path_type=Path))
+@click.option("--shards", "count", type=click.IntRange(2, 256), default=None,
+              help="Shards (centroids) to fit; default dedup.shards.")
+@click.option("--from-index", is_flag=True,
+              help="Sample the FP32 vectors already admitted instead of embedding files.")
+@click.option("--limit", type=click.IntRange(10), default=5000, show_default=True,
+              help="Vectors sampled at most.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--namespace", default=None, help="Index namespace (default redis.namespace).")
+@click.option("--migrate", "then_migrate", is_flag=True,
+              help="Then move the admitted items into the new version at once.")
+@click.pass_context
+def shards_fit(ctx: click.Context, paths: tuple[Path, ...], count: int | None,
+               from_index: bool, limit: int, seed: int, namespace: str | None,
+               then_migrate: bool) -> None:
+    """Fit coarse centroids (k-means) on an embedded sample and store them as a new version."""
+    from rich.console import Console
+
+    from sluice.shards import fit, migrate
+
+    settings = settings_of(ctx)
+    count = count or settings.dedup.shards
+    if count < 2:
+        raise click.UsageError("pass --shards N (N ≥ 2), or set dedup.shards")
+    console = Console(stderr=True)
+    done = fit(settings, list(paths), shards=count, from_index=from_index, limit=limit,
+               seed=seed, namespace=namespace, console=console)
+    c = done.centroids
+    click.echo(f"centroid version {c.version}: {c.shards} shards of dimension {c.dim} from "
+               f"{c.samples:,} vectors ({c.source}); sample per shard "
+               f"{min(done.sample_per_shard):,}–{max(done.sample_per_shard):,}")
+    if done.active:
+        click.echo(f"in use now (the namespace held nothing to move); set dedup.shards = "
+                   f"{c.shards}")
+    elif then_migrate:
+        _print_migration(migrate(settings, namespace=namespace, console=console))
+    else:
+        click.echo("not in use yet: the namespace holds admitted items; move them with "
+                   "`sluice shards migrate`")
+
+
+@shards.command(name="migrate")
+@click.option("--namespace", default=None, help="Index namespace (default redis.namespace).")
+@click.option("--keep-old", is_flag=True, help="Leave the old version's keys in place.")
+@click.pass_context
+def shards_migrate(ctx: click.Context, namespace: str | None, keep_old: bool) -> None:
+    """Move the admitted items into the newest centroid version and switch to it."""
+    from rich.console import Console
+
+    from sluice.shards import migrate
+
+    _print_migration(migrate(settings_of(ctx), namespace=namespace, keep_old=keep_old,
+                             console=Console(stderr=True)))
+
+
+def _print_migration(done: Any) -> None:
+    old = "one set" if done.source is None else f"version {done.source}"
+    counts = ", ".join(f"{n:,} {k}" for k, n in sorted(done.counts.items()))
+    click.echo(f"moved {old} → version {done.target}: {counts or 'nothing to move'}; "
+               f"{'old keys dropped' if done.dropped_old else 'old keys kept'}. Set "
+               "dedup.shards to the new version's shard count before restarting workers")
+
+
+@shards.command(name="status")
+@click.option("--namespace", default=None, help="Index namespace (default redis.namespace).")
+@click.pass_context
+def shards_status(ctx: click.Context, namespace: str | None) -> None:
+    """Show the centroid version in use, the newest fitted, and each shard's size and node."""
+    from sluice.shards import status as show_status
+
+    show_status(settings_of(ctx), namespace=namespace)
+
+
 @cli.command()
 @click.argument("paths", nargs=-1, type=click.Path(exists=True, path_type=Path))
 @click.option("--limit", type=int, default=2000, show_default=True,

@@ -91,7 +91,10 @@ def paced_batches(settings: Any, samples: list[Any], policy: str, steps: int,
     kept sample is buffered first (arrivals compose nothing under this pace), then the
     step is asked, ``ahead_batches`` at a time as the agent asks it, for the ``steps``
     batches the trainer consumes, each composed from the whole pool; every batch is
-    confirmed as sent. Returns the batches and how the composition went."""
+    confirmed as sent. Returns the batches and how the composition went: ``starved_at``
+    (the pool gave less than was asked: the rest is cycled), ``short_batches`` (composed
+    while the pool could not meet the targets, the step's ``batches.short``) and
+    ``short_from`` (batches composed before the first call that had such a batch)."""
     from agents.balance import Balance
     from agents.buffers import buffers_for
     from agents.feedback import LossStore
@@ -106,6 +109,7 @@ def paced_batches(settings: Any, samples: list[Any], policy: str, steps: int,
     step = Balance(config, buffers, LossStore(client, namespace))
     batches: list[dict[str, Any]] = []
     starved_at: int | None = None
+    short_from: int | None = None
     try:
         for start in range(0, len(samples), MICRO_BATCH):
             items = [Item(s, Coords("bench-samples", 0, offset))
@@ -114,17 +118,23 @@ def paced_batches(settings: Any, samples: list[Any], policy: str, steps: int,
                 raise RuntimeError("pace = trainer composed a batch on arrivals")
         pool = dict(buffers.sizes())
         while len(batches) < steps:
-            drawn = step.paced(min(config.ahead_batches, steps - len(batches)))
+            asked = min(config.ahead_batches, steps - len(batches))
+            drawn = step.paced(asked)
             for batch in drawn:
                 step.confirm(batch)
+            if short_from is None and step.counters["batches.short"]:
+                short_from = len(batches)
             batches += [dict(b) for b in drawn]
-            if step.starved or not drawn:
+            # ``starved`` also says a batch could not meet the targets; only a pool that
+            # gives less than was asked ends the run.
+            if len(drawn) < asked:
                 starved_at = len(batches)
                 break
     finally:
         client.close()
     return batches, {"policy": step.policy, "pool": pool, "composed": len(batches),
-                     "starved_at": starved_at, "reuse_cap": config.reuse_cap}
+                     "starved_at": starved_at, "short_batches": step.counters["batches.short"],
+                     "short_from": short_from, "reuse_cap": config.reuse_cap}
 
 
 def cached_embedder(settings: Any, cache: dict[str, np.ndarray]) -> Any:

@@ -35,7 +35,41 @@ def arm_stats(batches: list[dict[str, Any]], steps: int, eval_vecs: np.ndarray,
             "weight_min": min(weights), "weight_max": max(weights),
             "class_mix": shares(Counter(s["label"] for s in seen)),
             "class_mix_last_quarter": shares(Counter(
-                s["label"] for s in seen[len(seen) - len(seen) // 4:]))}
+                s["label"] for s in seen[len(seen) - len(seen) // 4:])),
+            "class_draws_by_quarter": quarters(batches, steps),
+            "last_step_with_class": last_steps(batches, steps)}
+
+
+def quarters(batches: list[dict[str, Any]], steps: int) -> list[dict[str, int]]:
+    """Samples of each class in each quarter of the ``steps`` batches (cycled if fewer):
+    whether a class stays in the batches to the end of the run or is used up early."""
+    out: list[Counter[str]] = [Counter() for _ in range(4)]
+    for n in range(steps):
+        out[min(3, 4 * n // steps)].update(s["label"] for s in batches[n % len(batches)]
+                                           ["samples"])
+    return [dict(sorted(q.items())) for q in out]
+
+
+def last_steps(batches: list[dict[str, Any]], steps: int) -> dict[str, int]:
+    """The last step (0-based) whose batch has a sample of each class."""
+    last: dict[str, int] = {}
+    for n in range(steps):
+        for s in batches[n % len(batches)]["samples"]:
+            last[s["label"]] = n
+    return dict(sorted(last.items()))
+
+
+def show_quarters(title: str, arms: dict[str, dict[str, Any]],
+                  class_counts: dict[str, int]) -> None:
+    """Per class, its samples in each quarter of the run, per arm (one stream order): the
+    evidence for a class used up early (``0`` in the later quarters) or kept to the end."""
+    names = [a for a in arms if "class_draws_by_quarter" in arms[a]]
+    rows = []
+    for label in sorted(class_counts, key=lambda c: -class_counts[c]):
+        rows.append([label, *("/".join(str(q.get(label, 0)) for q in
+                                       arms[a]["class_draws_by_quarter"])
+                              for a in names)])
+    show(title, ["class", *(f"{a} (q1/q2/q3/q4)" for a in names)], rows)
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:

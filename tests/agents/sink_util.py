@@ -3,10 +3,10 @@
 ``MemoryBuffers`` keeps ``ClassBuffers``' contract: idempotent ``admit`` that remembers the
 offset that first buffered an id, per-class FIFO with a reuse cap, ``exclude``, a replay
 queue of ids whose payload is still there, the outbox of composed batches until
-``confirm``, the next free sequence, and a label set (shared by the buffers given the same
-``labels`` set). ``MemoryLosses`` folds with the pure ``process_feedback``, once per
-(batch id, step). The Redis ones are tested on the real Redis by ``test_buffers``,
-``test_balance_step`` and ``test_feedback_store``.
+``confirm``, the next free sequence, each class's ``supply``, and a label set (shared by
+the buffers given the same ``labels`` set). ``MemoryLosses`` folds with the pure
+``process_feedback``, once per (batch id, step). The Redis ones are tested on the real
+Redis by ``test_buffers``, ``test_balance_step`` and ``test_feedback_store``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 
 from agents.balance import Balance
 from agents.buffers import SAMPLE_FIELDS, Admitted, BufferStoreError, Recorded, SequenceTaken
+from agents.compose import Supply
 from agents.config import BalanceSettings
 from agents.feedback_logic import FeedbackOutcome, process_feedback
 from agents.normalize import content_digest, normalize
@@ -130,6 +131,12 @@ class MemoryBuffers:
 
     def sizes(self) -> dict[str, int]:
         return {label: len(q) for label, q in sorted(self.queues.items())}
+
+    def supply(self) -> dict[str, Supply]:
+        # As ClassBuffers counts it: a queued sample gives max(reuse_cap - uses, 1) more.
+        return {label: Supply(len(q), sum(max(self.reuse_cap - self.uses[i], 1) for i in q),
+                              sum(self.uses[i] == 0 for i in q))
+                for label, q in sorted(self.queues.items())}
 
     def replay_size(self) -> int:
         return len(self.replay)

@@ -297,3 +297,40 @@ def test_a_batch_drawn_before_a_crash_is_re_sent_byte_for_byte(
         assert [b["sequence"] for b in more] == [1]
     finally:
         cleanup(first)
+
+
+def test_a_trainer_faster_than_the_stream_keeps_the_scarce_class_to_the_end(
+        stack: Settings, client: redis.Redis, stream: list[CuratedSample]) -> None:
+    """Issue 13 on the real Redis (``ClassBuffers.supply``): 800 samples buffered, then a
+    trainer asks for twice as many draws under inverse, reuse cap 4. Shell (5 %: 40
+    samples, 160 uses) drawn at a third of each batch would be used up in the first third
+    of the run; paced by what it can sustain, it is in every quarter, the first batches
+    still follow the targets, and ``starved`` says the targets could not be met."""
+    step = balancer(stack, client, "inverse", pace="trainer", reuse_cap=4, batch_size=8,
+                    replay_fraction=0.0)
+    head = stream[:800]
+    try:
+        assert step.run([Item(s, Coords("sluice.samples", 0, int(s["id"][1:])))
+                         for s in head]) == []
+        batches: list[CuratedBatch] = []
+        starved = False
+        while len(batches) < 200:
+            got = step.paced(16)
+            for batch in got:
+                step.confirm(batch)
+            batches += got
+            starved = starved or step.starved
+            assert len(got) == 16
+        supply = step.buffers.supply()
+        assert {c: s.waiting for c, s in supply.items()} == step.buffers.sizes()
+    finally:
+        cleanup(step)
+    quarters = [Counter(s["label"] for b in batches[q * 50:(q + 1) * 50] for s in b["samples"])
+                for q in range(4)]
+    assert all(q["shell"] >= 8 for q in quarters), quarters
+    assert starved and "shell" in step.short
+    for batch in batches[:3]:
+        counts = Counter(s["label"] for s in batch["samples"])
+        assert all(abs(counts[c] - 8 * batch["target_shares"][c]) <= 1 for c in MIX), counts
+    uses = Counter(s["id"] for b in batches for s in b["samples"])
+    assert max(uses.values()) <= 4

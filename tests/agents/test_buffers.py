@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from agents.buffers import BufferStoreError, ClassBuffers, SequenceTaken
+from agents.compose import Supply
 from sluice.settings import Settings
 from streams.connections import redis_client
 
@@ -246,3 +247,75 @@ def test_labels_are_admitted_up_to_the_limit_for_the_whole_namespace(make: Any) 
     assert p0.admit_label("python", 2) and p1.admit_label("go", 2)
     assert not p0.admit_label("rust", 2) and not p1.admit_label("rust", 2)
     assert p1.admit_label("python", 2) and p0.admit_label("go", 2)  # known: still admitted
+
+
+def recount(buf: ClassBuffers, client: redis.Redis) -> dict[str, Supply]:
+    """What ``supply`` must say, counted the slow way from every queued sample."""
+    out = {}
+    for label in buf.classes():
+        ids = client.lrange(buf.queue_key(label), 0, -1)
+        uses = [int(client.hget(buf.sample_key(i.decode()), "uses") or 0) for i in ids]
+        out[label] = Supply(len(ids), sum(max(buf.reuse_cap - u, 1) for u in uses),
+                            sum(u == 0 for u in uses))
+    return out
+
+
+def test_supply_counts_the_uses_left_through_adds_draws_composes_and_evictions(
+        make: Any, client: redis.Redis) -> None:
+    """The per-class counts the pacing reads in one round trip stay exact whatever the
+    buffers do (random adds over three classes, evictions at a small cap, draws, composes
+    with replays excluded), checked against a recount of every queued sample."""
+    buf = make(buffer_cap=6, reuse_cap=3, retain_s=0)
+    rng = np.random.default_rng(5)
+    sequence = 0
+    assert buf.supply() == {}
+    for step in range(120):
+        op = rng.integers(0, 4)
+        label = ["a", "b", "c"][int(rng.integers(0, 3))]
+        if op <= 1:
+            buf.add_many([sample(int(rng.integers(0, 60)), label)
+                          for _ in range(int(rng.integers(1, 4)))])
+        elif op == 2:
+            buf.draw({label: int(rng.integers(1, 5)), "a": 1})
+        else:
+            buf.push_replay([f"id{int(rng.integers(0, 60)):05d}"])
+            if buf.compose(sequence, {label: int(rng.integers(1, 4))}, 1, {"n": step}):
+                buf.confirm(sequence)
+                sequence += 1
+        assert buf.supply() == recount(buf, client), step
+    assert any(s.fresh < s.waiting for s in buf.supply().values())
+
+
+def test_supply_is_counted_again_when_its_counts_are_missing_or_wrong(
+        make: Any, client: redis.Redis) -> None:
+    """Buffers written before the counts existed get them from their queues, once; so
+    does a class in which a draw met a queued id whose payload is gone (its uses are not
+    known: the draw skips it, and the class is counted again)."""
+    buf = make(reuse_cap=4, retain_s=0)
+    buf.add_many([sample(i, "a") for i in range(5)] + [sample(10, "b")])
+    buf.draw({"a": 2})  # a: 2, 3, 4 fresh; 0, 1 used once
+    expected = {"a": Supply(5, 18, 3), "b": Supply(1, 4, 1)}
+    assert buf.supply() == expected
+    client.delete(buf.prefix + ":supply")
+    assert buf.supply() == expected
+    client.delete(buf.sample_key("id00004"))  # a fresh one vanishes from under the queue
+    assert [s["id"] for s in buf.draw({"a": 3})] == ["id00002", "id00003", "id00000"]
+    assert buf.supply()["a"] == Supply(4, 11, 0) == recount(buf, client)["a"]
+    assert buf.supply() == recount(buf, client)
+
+
+def test_supply_reads_in_one_script_on_a_single_redis_and_on_the_cluster(
+        any_redis: Settings) -> None:
+    """The supply script reads the class lists and samples of one partition by their
+    shared hash tag, so it runs on a Redis Cluster as on a single Redis."""
+    conn = redis_client(any_redis.redis)
+    buf = ClassBuffers(conn, uuid4().hex, 3, buffer_cap=3, reuse_cap=2, retain_s=0)
+    try:
+        buf.add_many([sample(i, "a" if i % 3 else "b") for i in range(8)])  # a: 5 → 3
+        buf.compose(0, {"a": 2, "b": 1}, 0, {"n": 0})
+        assert buf.supply() == {"a": Supply(3, 4, 1), "b": Supply(3, 5, 2)}
+        conn.delete(buf.prefix + ":supply")
+        assert buf.supply() == {"a": Supply(3, 4, 1), "b": Supply(3, 5, 2)}
+    finally:
+        buf.clear()
+        conn.close()

@@ -18,7 +18,7 @@ from agents.buffers import ClassBuffers
 from agents.config import FuzzySettings
 from agents.exact import ExactClaims
 from agents.feedback import LossStore
-from agents.fuzzy import FuzzyDecision, FuzzyIndex
+from agents.fuzzy_index import FuzzyDecision, FuzzyIndex
 from agents.keys import exact_key, loss_state_key
 from sluice.settings import Settings
 from streams.connections import redis_client

@@ -11,6 +11,8 @@ import pytest
 
 from agents.compose import (
     ComposeError,
+    Flow,
+    Supply,
     allocate,
     allocate_with_credit,
     assemble_batch,
@@ -20,9 +22,12 @@ from agents.compose import (
     fit_samples,
     label_problem,
     lineage_digest,
+    paced_shares,
     parse_batch_id,
     partition_of,
     sample_bytes,
+    sustainable_caps,
+    update_flow,
     utf8_prefix,
 )
 from agents.policy import target_shares
@@ -88,6 +93,94 @@ def test_credit_keeps_the_long_run_mix_on_target() -> None:
         assert abs(total[c] - 700 * s) <= 1.0
     # Without credit the same rounding repeats every batch: 4/2/1 → 400/200/100.
     assert allocate(7, shares, AMPLE) == {"a": 4, "b": 2, "c": 1}
+
+
+# -- pacing by what each class can sustain ----------------------------------------------------
+
+
+def test_sustainable_caps_are_fresh_plus_arrivals_plus_paced_reuse() -> None:
+    """cap_c = fresh_c / draws + k·ρ·ν_c + max(0, 1 − k·ρ)·(uses_c − fresh_c) / U."""
+    supply = {"big": Supply(100, 400, 100), "rare": Supply(4, 6, 0), "gone": Supply(0, 0, 0)}
+    natural = {"big": 0.9, "rare": 0.05, "gone": 0.05}
+    # No arrivals: fresh samples are free, repeated uses keep pace with the pool's.
+    caps = sustainable_caps(8, supply, natural, 0.0, 4)
+    assert caps == pytest.approx({"big": 100 / 8 + 300 / 406, "rare": 6 / 406, "gone": 0.0})
+    # Arrivals at ρ = 0.1 per draw: k·ρ = 0.4 of a batch is sustained for good, and the
+    # stock is spread over a pool that now drains at 0.6 per draw.
+    caps = sustainable_caps(8, supply, natural, 0.1, 4)
+    assert caps["rare"] == pytest.approx(4 * 0.1 * 0.05 + 0.6 * 6 / 406)
+    # Arrivals alone sustain the pool (k·ρ ≥ 1): the stock needs no pacing.
+    caps = sustainable_caps(8, supply, natural, 0.5, 4)
+    assert caps["rare"] == pytest.approx(4 * 0.5 * 0.05)
+    assert caps["gone"] == 0.0  # nothing waiting: nothing to draw, whatever arrives
+    assert sustainable_caps(0, supply, natural, 1.0, 4) == dict.fromkeys(supply, 0.0)
+
+
+def test_paced_shares_follow_the_targets_when_the_caps_do_not_bind() -> None:
+    targets = {"a": 0.5, "b": 0.3, "c": 0.2}
+    paced = paced_shares(targets, {"a": 1.0, "b": 0.3, "c": 5.0})
+    assert paced.shares == pytest.approx(targets) and paced.short == {}
+    # A class with no target gets no share, even with a cap.
+    assert set(paced_shares({"a": 1.0, "b": 0.0}, {"a": 1.0, "b": 1.0}).shares) == {"a"}
+    assert paced_shares({}, {"a": 1.0}).shares == {}
+
+
+def test_paced_shares_hold_a_class_to_its_cap_and_give_the_rest_by_target() -> None:
+    paced = paced_shares({"a": 0.5, "b": 0.25, "c": 0.25}, {"a": 1.0, "b": 1.0, "c": 0.05})
+    assert paced.shares == pytest.approx({"a": 0.5 + 0.2 * 2 / 3, "b": 0.25 + 0.2 / 3,
+                                          "c": 0.05})
+    assert paced.short == pytest.approx({"c": 0.2})
+    # Water filling: b then cannot take its part of c's rest either.
+    paced = paced_shares({"a": 0.5, "b": 0.25, "c": 0.25}, {"a": 1.0, "b": 0.26, "c": 0.05})
+    assert paced.shares == pytest.approx({"a": 0.69, "b": 0.26, "c": 0.05})
+    # All caps together short of a batch: the batch is still full, the rest by target to
+    # the classes that have something waiting, and short says the targets were not met.
+    paced = paced_shares({"a": 0.5, "b": 0.5, "gone": 0.2}, {"a": 0.2, "b": 0.1, "gone": 0.0})
+    assert sum(paced.shares.values()) == pytest.approx(1.0)
+    assert paced.shares["gone"] == 0.0
+    assert paced.shares["a"] == pytest.approx(0.2 + 0.7 / 2)
+    assert set(paced.short) == {"gone"}
+
+
+def test_paced_shares_properties_on_random_inputs() -> None:
+    rng = np.random.default_rng(4)
+    for _ in range(2_000):
+        k = int(rng.integers(1, 7))
+        names = [f"c{i}" for i in range(k)]
+        targets = dict(zip(names, rng.dirichlet(np.ones(k)).tolist(), strict=True))
+        caps = dict(zip(names, (rng.random(k) * rng.choice([0.3, 1.0, 3.0])).tolist(),
+                        strict=True))
+        paced = paced_shares(targets, caps)
+        assert paced == paced_shares(dict(reversed(targets.items())), caps)
+        assert sum(paced.shares.values()) == pytest.approx(1.0)
+        if sum(caps.values()) >= 1.0:
+            assert all(paced.shares[c] <= caps[c] + 1e-9 for c in names)
+        else:
+            assert all(paced.shares[c] >= min(caps[c], targets[c]) - 1e-9 for c in names)
+        for c in names:  # short exactly when a class got less than its target
+            assert (c in paced.short) == (paced.shares[c] < targets[c] - 1e-6)
+
+
+def test_update_flow_is_the_bias_corrected_ema_per_drawn_sample() -> None:
+    """Against a direct weighted mean: each drawn sample weighs ``decay^age``."""
+    rng = np.random.default_rng(2)
+    alpha, window = 0.9, 64
+    decay = alpha ** (1 / window)
+    flow = Flow()
+    assert flow.get() == 0.0
+    rates: list[float] = []  # one per drawn sample, oldest first
+    for _ in range(50):
+        drawn, arrived = int(rng.integers(1, 9)), int(rng.integers(0, 30))
+        flow = update_flow(flow, arrived, drawn, alpha, window)
+        rates += [arrived / drawn] * drawn
+    ages = np.arange(len(rates))[::-1]
+    weights = (1 - decay) * decay ** ages
+    assert flow.get() == pytest.approx(float(np.dot(weights, rates) / weights.sum()))
+    # The first observation counts in full (bias correction), a batch drawing nothing
+    # changes nothing.
+    first = update_flow(Flow(), 24, 8, alpha, window)
+    assert first.get() == pytest.approx(3.0)
+    assert update_flow(first, 99, 0, alpha, window) == first
 
 
 def _simulate(policy: str, n: int = 40_000, seed: int = 0, **params: Any) -> dict[str, float]:

@@ -27,7 +27,7 @@ from agents.decontaminate import (
 )
 from agents.embed import Embedder
 from agents.exact import ExactClaims
-from agents.fuzzy import FuzzyIndex
+from agents.fuzzy_index import FuzzyIndex
 from agents.keys import exact_key, protected_prefix, vset_key
 from agents.normalize import content_digest, normalize
 from agents.pipeline import build_pipeline

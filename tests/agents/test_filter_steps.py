@@ -22,7 +22,8 @@ import pytest
 
 from agents.config import DedupSettings, FuzzySettings, IngestSettings
 from agents.exact import ExactDedup
-from agents.fuzzy import FuzzyDecision, FuzzyDedup
+from agents.fuzzy import FuzzyDedup
+from agents.fuzzy_index import FuzzyDecision
 from agents.index import Admission
 from agents.minhash import MinHasher, jaccard
 from agents.normalize import content_digest, normalize

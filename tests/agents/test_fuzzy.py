@@ -15,7 +15,7 @@ import redis
 from datasketch import MinHash
 
 from agents.config import FuzzySettings
-from agents.fuzzy import FuzzyDecision, FuzzyError, FuzzyIndex, _Stored
+from agents.fuzzy_index import FuzzyDecision, FuzzyError, FuzzyIndex, Stored
 from agents.minhash import MinHasher, jaccard, word_bytes
 from sluice.settings import Settings
 from streams.connections import redis_client
@@ -274,7 +274,7 @@ class _Interleaved(FuzzyIndex):
 
     other: tuple[FuzzyIndex, list[tuple[str, str]]] | None = None
 
-    def _fetch(self, ids: set[str]) -> dict[str, _Stored]:
+    def _fetch(self, ids: set[str]) -> dict[str, Stored]:
         if self.other is not None:
             worker, batch = self.other
             self.other = None

@@ -20,7 +20,7 @@ import redis
 
 from agents.code_tokens import CodeDoc
 from agents.config import CodeFuzzySettings
-from agents.fuzzy import CODE_TOKENS, WORDS, FuzzyDecision, FuzzyError, FuzzyIndex, _Stored
+from agents.fuzzy_index import CODE_TOKENS, WORDS, FuzzyDecision, FuzzyError, FuzzyIndex, Stored
 from agents.pipeline import build_pipeline
 from agents.step import Coords, Item, Outcome
 from sluice.settings import Settings, load_settings
@@ -193,7 +193,7 @@ class _Interleaved(FuzzyIndex):
 
     other: tuple[FuzzyIndex, list[tuple[str, CodeDoc]]] | None = None
 
-    def _fetch(self, ids: set[str]) -> dict[str, _Stored]:
+    def _fetch(self, ids: set[str]) -> dict[str, Stored]:
         if self.other is not None:
             worker, batch = self.other
             self.other = None

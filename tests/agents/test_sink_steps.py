@@ -379,3 +379,13 @@ def test_the_same_feedback_record_twice_is_folded_once() -> None:
     [third] = step.run([Item(feedback("0-1-abcdef012345", [("s0001", "python", 0.2)], step=2),
                              Coords("training-feedback", 0, 1))])
     assert not third.record["replayed"] and losses.state != state
+
+
+def test_the_state_the_timer_composed_ahead_keeps_its_measured_flow() -> None:
+    from agents.sink_agents import _newest
+
+    table = {"sequence": 3, "credit": {"a": 0.5}, "pending": 5, "flow": [1.0, 0.5], "ema": {}}
+    timer = {"sequence": 5, "credit": {"a": -0.2}, "pending": 0, "flow": [2.0, 0.75]}
+    assert _newest(table, timer) == {"sequence": 5, "credit": {"a": -0.2}, "pending": 0,
+                                     "flow": [2.0, 0.75], "ema": {}}
+    assert _newest(table, {"sequence": 2}) is table  # the table is ahead: it wins
