@@ -208,6 +208,9 @@ async def _reject(topics: Topics, metrics: StageMetrics, stage: str, item: Item,
     """A record a sink step failed on becomes its ``error:<ExceptionClass>`` rejection on
     ``sluice.rejected`` (Kafka Streams' processing handler): an outcome, and the agent goes
     on with the next record instead of crash-looping on this one."""
+    log.warning("%s: %s[%d]@%d rejected: %s: %s", stage, item.coords.topic,
+                item.coords.partition, item.coords.offset,
+                type(exc).__name__, exc, exc_info=exc)
     await _send_rejection(topics, metrics, error_rejection(stage, f"{stage} step", item, exc))
 
 
