@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then apt-get update -q && apt-get install -y -q maven; else exit 1; fi; }
 	@command -v chromium >/dev/null || { echo "Chromium is needed for the dashboard's browser test: apt-get install -y chromium"; \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then apt-get update -q && apt-get install -y -q chromium; fi; }
+	@command -v docker-compose >/dev/null || { echo "Debian's docker-compose validates docker-compose.yml in the tests: apt-get install -y docker-compose"; \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then apt-get update -q && apt-get install -y -q docker-compose; fi; }
 	@command -v kcat >/dev/null || { echo "kcat is needed for the foreign-producer poison test: apt-get install -y kcat"; \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then apt-get update -q && apt-get install -y -q kcat; fi; }
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
