@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,6 +128,30 @@ def cosine_to_score(cos: float) -> float:
     return (1.0 + cos) / 2.0
 
 
+def decide_in_rounds(round_: Callable[[list[str], np.ndarray], list[Admission | None]],
+                     ids: list[str], rows: np.ndarray, counts: Counter[str]
+                     ) -> list[Admission]:
+    """Every item decided by ``round_`` (search, decide, write, settle), again while what it
+    duplicated lost a race (``None``), at most ``MAX_ROUNDS`` times; ``counts`` gets
+    ``redecided`` and each decision (``kept``, ``duplicate``, ``already``)."""
+    admissions: list[Admission | None] = [None] * len(ids)
+    todo = list(range(len(ids)))
+    for _ in range(MAX_ROUNDS):
+        decided = round_([ids[i] for i in todo], rows[todo])
+        for i, admission in zip(todo, decided, strict=True):
+            admissions[i] = admission
+        todo = [i for i, admission in zip(todo, decided, strict=True) if admission is None]
+        if not todo:
+            break
+        counts["redecided"] += len(todo)
+    else:
+        raise VectorIndexError(f"{len(todo)} items still undecided after {MAX_ROUNDS} "
+                               "rounds of races")
+    done = [a for a in admissions if a is not None]
+    counts.update("already" if a.already else "kept" if a.keep else "duplicate" for a in done)
+    return done
+
+
 class VectorIndex:
     """Near-duplicate admission against one Redis 8 vector set, safe between workers."""
 
@@ -174,33 +199,16 @@ class VectorIndex:
             return []
         started = time.perf_counter()
         holds: list[float] = []
-        admissions: list[Admission | None] = [None] * len(ids)
         try:
             self._trim(holds)
-            todo = list(range(len(ids)))
-            for _ in range(MAX_ROUNDS):
-                decided = self._round([ids[i] for i in todo], rows[todo], holds)
-                for i, admission in zip(todo, decided, strict=True):
-                    admissions[i] = admission
-                todo = [i for i, admission in zip(todo, decided, strict=True)
-                        if admission is None]
-                if not todo:
-                    break
-                self.counts["redecided"] += len(todo)
-            else:
-                raise VectorIndexError(f"{len(todo)} items still undecided after "
-                                       f"{MAX_ROUNDS} rounds of races")
+            return decide_in_rounds(lambda i, r: self._round(i, r, holds), ids, rows,
+                                    self.counts)
         except redis.RedisError as exc:
             raise VectorIndexError(f"admission to {self.key} failed: {exc}") from exc
         finally:
             self.last_call_s = time.perf_counter() - started
             self.last_hold_s = max(holds, default=0.0)
             self._recent_holds_s.append(self.last_hold_s)
-        done = [a for a in admissions if a is not None]
-        self.counts.update(
-            "already" if a.already else "kept" if a.keep else "duplicate" for a in done
-        )
-        return done
 
     def _round(self, ids: list[str], rows: np.ndarray, holds: list[float]
                ) -> list[Admission | None]:

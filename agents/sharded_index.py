@@ -79,13 +79,13 @@ from agents.horizon import DUE_LUA
 from agents.index import (
     _QUANTIZATION,
     HOLD_WINDOW,
-    MAX_ROUNDS,
     Admission,
     VectorIndex,
     VectorIndexError,
     _fp32_rows,
     _row,
     _text,
+    decide_in_rounds,
 )
 from agents.keys import (
     centroids_current_key,
@@ -280,26 +280,14 @@ class ShardedIndex:
             return []
         started = time.perf_counter()
         holds: list[float] = []
-        admissions: list[Admission | None] = [None] * len(ids)
         try:
             self._follow()
             if rows.shape[1] != self.centroids.dim:
                 raise VectorIndexError(f"vectors of dimension {rows.shape[1]} for centroids "
                                        f"of dimension {self.centroids.dim}")
             self._trim(holds)
-            todo = list(range(len(ids)))
-            for _ in range(MAX_ROUNDS):
-                decided = self._round([ids[i] for i in todo], rows[todo], holds)
-                for i, admission in zip(todo, decided, strict=True):
-                    admissions[i] = admission
-                todo = [i for i, admission in zip(todo, decided, strict=True)
-                        if admission is None]
-                if not todo:
-                    break
-                self.counts["redecided"] += len(todo)
-            else:
-                raise VectorIndexError(f"{len(todo)} items still undecided after "
-                                       f"{MAX_ROUNDS} rounds of races")
+            return decide_in_rounds(lambda i, r: self._round(i, r, holds), ids, rows,
+                                    self.counts)
         except (redis.RedisError, ShardsError) as exc:
             raise VectorIndexError(f"admission to the {len(self.shards)} shards of "
                                    f"{self.namespace!r} (centroid version {self.version}) "
@@ -309,11 +297,6 @@ class ShardedIndex:
             self.last_hold_s = max(holds, default=0.0)
             self._recent_holds_s.append(self.last_hold_s)
             self._fold_counts()
-        done = [a for a in admissions if a is not None]
-        self.counts.update(
-            "already" if a.already else "kept" if a.keep else "duplicate" for a in done
-        )
-        return done
 
     def _round(self, ids: list[str], rows: np.ndarray, holds: list[float]
                ) -> list[Admission | None]:
