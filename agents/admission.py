@@ -12,6 +12,7 @@ in the worker, with the FP32 cosine, so quantization can never flip a keep/drop:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,16 +38,26 @@ def nearest(vector: np.ndarray, ids: list[str], matrix: np.ndarray) -> tuple[str
 
 
 def decide(vectors: np.ndarray, ids: list[str], found: list[dict[str, np.ndarray]],
-           threshold: float) -> list[Decision]:
+           threshold: float, probes: np.ndarray | None = None) -> list[Decision]:
     """Each item in input order: a duplicate of the nearest of its index candidates
     (``found[i]``: id → FP32 vector) and the earlier kept items of the batch when that
-    cosine is ≥ ``threshold``; else kept."""
+    cosine is ≥ ``threshold``; else kept.
+
+    ``probes`` (a sharded index, ``agents.shards``): each item's probed shards, its home
+    first; an earlier kept item of the batch counts only when its home is among them (the
+    ones the item's search would find once written, so a replay decides alike)."""
     decisions: list[Decision] = []
     kept_ids: list[str] = []
     kept_rows: list[np.ndarray] = []
-    for vector, item_id, candidates in zip(vectors, ids, found, strict=True):
-        pool_ids = list(candidates) + kept_ids
-        rows = list(candidates.values()) + kept_rows
+    kept_homes: list[int] = []
+    for i, (vector, item_id, candidates) in enumerate(zip(vectors, ids, found, strict=True)):
+        if probes is None:
+            visible: Sequence[int] = range(len(kept_ids))
+        else:
+            probed = set(map(int, probes[i]))
+            visible = [n for n, home in enumerate(kept_homes) if home in probed]
+        pool_ids = list(candidates) + [kept_ids[n] for n in visible]
+        rows = list(candidates.values()) + [kept_rows[n] for n in visible]
         best = nearest(vector, pool_ids, np.stack(rows)) if rows else None
         if best is not None and best[1] >= threshold:
             decisions.append(Decision(best[0], best[1]))
@@ -54,6 +65,7 @@ def decide(vectors: np.ndarray, ids: list[str], found: list[dict[str, np.ndarray
         decisions.append(Decision(None, None if best is None else best[1]))
         kept_ids.append(item_id)
         kept_rows.append(np.asarray(vector, dtype=np.float32))
+        kept_homes.append(0 if probes is None else int(probes[i][0]))
     return decisions
 
 

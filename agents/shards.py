@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from agents.admission import Decision, nearest
+from agents.admission import Decision, decide
 from schemas.errors import SluiceError
 
 #: Fields of the centroid record (a Redis hash; ``encode_centroids``).
@@ -185,24 +185,7 @@ def decide_routed(vectors: np.ndarray, ids: list[str], found: list[dict[str, np.
     candidates (``found[i]``, from its probed shards) and the earlier kept items of the
     batch whose home it probes (the ones its search would find once written, so a replay
     decides alike); cosine ≥ ``threshold`` → a duplicate of the nearest."""
-    decisions: list[Decision] = []
-    kept_ids: list[str] = []
-    kept_rows: list[np.ndarray] = []
-    kept_homes: list[int] = []
-    for vector, item_id, candidates, own in zip(vectors, ids, found, probes, strict=True):
-        probed = set(map(int, own))
-        visible = [n for n, home in enumerate(kept_homes) if home in probed]
-        pool_ids = list(candidates) + [kept_ids[n] for n in visible]
-        rows = list(candidates.values()) + [kept_rows[n] for n in visible]
-        best = nearest(vector, pool_ids, np.stack(rows)) if rows else None
-        if best is not None and best[1] >= threshold:
-            decisions.append(Decision(best[0], best[1]))
-            continue
-        decisions.append(Decision(None, None if best is None else best[1]))
-        kept_ids.append(item_id)
-        kept_rows.append(np.asarray(vector, dtype=np.float32))
-        kept_homes.append(int(own[0]))
-    return decisions
+    return decide(vectors, ids, found, threshold, probes)
 
 
 @dataclass(frozen=True, slots=True)
