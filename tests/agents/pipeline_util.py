@@ -257,14 +257,15 @@ class WorkerProcess:
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
-        """Start it (returns at once: the model and the group join take a while)."""
+        """Start it (returns at once: the model and the group join take a while); its log
+        level is ``SLUICETEST_LOGLEVEL`` (default info; debug shows every fetch)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         # Faust creates <state_dir>/faust without parents: the folder must exist.
         self.settings.state_dir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [*_sluice_command(), "worker", "--agents", self.agents, "--loglevel", "info",
-                 "--web-port", str(free_port())],
+                [*_sluice_command(), "worker", "--agents", self.agents, "--loglevel",
+                 os.environ.get("SLUICETEST_LOGLEVEL", "info"), "--web-port", str(free_port())],
                 env=worker_env(self.settings), cwd=REPO_ROOT, stdout=log,
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         return self

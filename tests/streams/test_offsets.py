@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from streams.offsets import absent_offsets, commit_position
+from faust.types import TP
+
+from streams.offsets import absent_offsets, commit_position, rewind_to_start
 
 
 def test_a_commit_moves_only_from_the_floor_over_done_offsets() -> None:
@@ -30,3 +32,16 @@ def test_absent_offsets_exclude_the_delivered_record() -> None:
     assert list(absent_offsets(5, 5)) == []
     assert list(absent_offsets(5, 3)) == []  # a re-delivery after a seek back
     assert list(absent_offsets(None, 9)) == []  # first delivery with no known position
+
+
+def test_partitions_never_committed_are_rewound_after_the_seek_to_committed() -> None:
+    # aiokafka's seek_to_committed seeks only to a committed offset > 0; records faust
+    # fetched and dropped before (during a table's recovery the stream partitions are not
+    # active) would never be read again, and the floor would start past them. Seen in
+    # test_balance_recovery: 24 samples fetched during recovery, position 24, none processed.
+    samples, changelog = TP("samples", 0), TP("app-state-changelog", 0)
+    read = {samples: None, TP("samples", 1): 0, TP("samples", 2): 17, changelog: None}
+    assert rewind_to_start(read, {"app-state-changelog"}, "earliest") == {
+        samples, TP("samples", 1)}
+    # Under "latest" a partition never committed starts at the end anyway.
+    assert rewind_to_start(read, {"app-state-changelog"}, "latest") == set()
