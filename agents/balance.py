@@ -10,7 +10,7 @@ outruns training), the pool fills to ``buffer_cap`` per class and evicts the old
 data-limited (training outruns the stream), samples are drawn again up to ``reuse_cap``
 times and, when even that leaves less than a batch, ``starved`` says so.
 
-One rule paces every batch in both regimes (``agents.compose.sustainable_caps``): no class
+One rule paces every batch in both regimes (``agents.sustain.sustainable_caps``): no class
 is drawn faster than it can sustain, i.e. its fresh samples, plus ``reuse_cap`` uses per
 arrival (``flow``: samples arriving per sample drawn; 1 under ``arrivals`` pace, measured
 under ``trainer`` pace, where what was buffered before the first batch is stock), plus its
@@ -37,7 +37,7 @@ What survives a failure anywhere between Redis and Kafka:
   duplicates carry the same batch id.
 - **Size.** No batch exceeds ``message_limit`` (the broker's ``max.message.bytes``): a
   sample's content is cut to its share of the limit when buffered, and the assembled batch
-  is fitted exactly (``agents.compose.fit_samples``). Cuts are counted by kind.
+  is fitted exactly (``agents.batch_bytes.fit_samples``). Cuts are counted by kind.
 - **Labels.** A label that is not valid text (``label_problem``) or beyond the first
   ``max_labels`` of the namespace goes to ``overflow_label``, counted by reason.
 - **Held out.** Under ``replay_policy = "reducible"`` a sample of the held-out slice
@@ -51,28 +51,21 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+from agents.batch_bytes import batch_overhead, fit_samples, kafka_reserve, utf8_prefix
 from agents.buffers import Admitted, Recorded, SequenceTaken
 from agents.compose import (
-    Flow,
-    Supply,
     allocate_with_credit,
     assemble_batch,
     batch_id,
     batch_order,
-    batch_overhead,
-    fit_samples,
-    kafka_reserve,
     label_problem,
-    paced_shares,
-    sustainable_caps,
-    update_flow,
-    utf8_prefix,
 )
 from agents.config import BalanceSettings
 from agents.feedback import in_holdout
 from agents.policy import PolicyError, label_for, targets_for, update_priority
 from agents.stats import ClassEMA
 from agents.step import Item, Outcome, Step, now_ms
+from agents.sustain import Flow, Supply, paced_shares, sustainable_caps, update_flow
 from schemas.records import CuratedBatch, CuratedSample
 from streams.config import TopicSettings
 from streams.metrics import RESENT, class_in, dropped, relabeled, truncated

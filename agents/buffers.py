@@ -45,10 +45,10 @@ import redis
 from redis.cluster import RedisCluster
 
 from agents import buffer_scripts
-from agents.compose import Supply
 from agents.config import BalanceSettings
 from agents.identity import store_id
 from agents.keys import buffer_prefix, labels_key
+from agents.sustain import Supply
 from schemas.errors import SluiceError
 
 
@@ -332,7 +332,7 @@ class ClassBuffers:
 
     def supply(self) -> dict[str, Supply]:
         """What each class can still give, in one round trip: samples waiting, the uses
-        left in them and how many were never drawn (``agents.compose.sustainable_caps``
+        left in them and how many were never drawn (``agents.sustain.sustainable_caps``
         paces the draws by it). Kept exact by every script that adds, evicts or draws; a
         class whose counts are missing (buffers from before they were kept), marked stale (a
         draw or an eviction met a queued id whose payload was gone) or impossible is counted

@@ -13,7 +13,8 @@ one round trip per band per query (measured ≈ 470 query+insert/s on the stdlib
 verification), opens a connection pool per band, and keeps no signatures to verify
 candidates with. Here a batch takes three round trips: one pipeline for replays and LSH
 candidates, one fetch of candidate signatures, one script that inserts the admitted items
-(with a horizon, one more first, and a removal when something is due: see below).
+(with a horizon, one more first, and a removal when something is due: see below). The
+scripts are in ``agents.fuzzy_scripts``.
 
 Keys, under ``agents.keys.lsh_prefix`` (one Redis Cluster hash tag per namespace's index,
 so the insert script may touch all its keys)::
@@ -61,9 +62,9 @@ import numpy as np
 import redis
 from datasketch import MinHashLSH
 
+from agents import fuzzy_scripts
 from agents.code_tokens import CODE_TOKENIZER, CodeDoc, code_tokens
 from agents.config import CodeFuzzySettings, FuzzySettings, HorizonSettings
-from agents.horizon import DUE_SELECT
 from agents.keys import code_lsh_prefix, lsh_prefix
 from agents.minhash import (
     _SHINGLE_BASE,
@@ -153,59 +154,6 @@ _CLEAR = FuzzyDecision(True, outcome="clear")
 
 
 # -- the shared index ----------------------------------------------------------------------
-
-_INSERT = """
--- KEYS[1] signature hash, KEYS[2] sequence counter, KEYS[3] order (zset), then `bands` band
--- sets per item. ARGV[1] bands, then id, signature for each item. Inserts each item not
--- already present with the next sequence number and its insertion time (server µs, forced
--- above the newest in the order), then returns, per item, {seq (0: was present), the ids
--- now sharing a band with it}.
-local bands = tonumber(ARGV[1])
-local n = (#ARGV - 1) / 2
-local t = redis.call('TIME')
-local clock = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local newest = redis.call('ZRANGE', KEYS[3], -1, -1, 'WITHSCORES')
-if #newest > 0 then clock = math.max(clock, tonumber(newest[2]) + 1) end
-local seqs = {}
-for i = 1, n do
-  local id = ARGV[2 * i]
-  if redis.call('HEXISTS', KEYS[1], id) == 1 then
-    seqs[i] = 0
-  else
-    local seq = redis.call('INCR', KEYS[2])
-    seqs[i] = seq
-    redis.call('HSET', KEYS[1], id, ARGV[2 * i + 1] .. string.format('%d', seq))
-    redis.call('ZADD', KEYS[3], string.format('%.0f', clock), id)
-    clock = clock + 1
-    local first = 3 + (i - 1) * bands
-    for j = 1, bands do
-      redis.call('SADD', KEYS[first + j], id)
-    end
-  end
-end
-local out = {}
-for i = 1, n do
-  if seqs[i] == 0 then
-    out[i] = {0, {}}
-  else
-    local first = 3 + (i - 1) * bands
-    out[i] = {seqs[i], redis.call('SUNION', unpack(KEYS, first + 1, first + bands))}
-  end
-end
-return out
-"""
-
-# KEYS[1] order, KEYS[2] signature hash (ARGV as ``DUE_SELECT``). Read only: the ids past
-# the horizon, oldest first, each followed by its signature (false when it is gone); the
-# caller removes them.
-_DUE = DUE_SELECT + """
-local out = {}
-for _, id in ipairs(due) do
-  out[#out + 1] = id
-  out[#out + 1] = redis.call('HGET', KEYS[2], id)
-end
-return out
-"""
 
 
 class NearIndex(Protocol):
@@ -297,9 +245,9 @@ class FuzzyIndex:
         self._sig_key = f"{self.prefix}:sig"
         self._order_key = f"{self.prefix}:order"
         self._sig_bytes = 4 * settings.num_perm
-        self._insert = self.redis.register_script(_INSERT)
+        self._insert = self.redis.register_script(fuzzy_scripts.INSERT)
         self.horizon = horizon
-        self._due = self.redis.register_script(_DUE)
+        self._due = self.redis.register_script(fuzzy_scripts.DUE)
         #: ``aged_out``: items the horizon removed through this instance.
         self.counts: Counter[str] = Counter()
 

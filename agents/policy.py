@@ -31,7 +31,7 @@ and a class fed mostly by a source of priority 2 gets twice the draw it would ge
 The importance weight of a drawn sample is ``target_c / share_c`` (CuratedBatch.v1's
 ``weight``): how much more often its class is drawn than the stream offers it. A trainer
 that wants the natural-mix risk back multiplies its loss by ``1 / weight``. When the pool
-cannot sustain a class's target (``agents.compose.paced_shares``) the balance stage draws
+cannot sustain a class's target (``agents.sustain.paced_shares``) the balance stage draws
 it at its paced share instead, and the weight it records is that share over ``share_c``.
 """
 

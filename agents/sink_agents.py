@@ -177,7 +177,7 @@ def declare_balance(app: faust.App, topics: Topics, config: Curation, client: re
 
 def _newest(table_state: dict[str, Any], step_state: dict[str, Any]) -> dict[str, Any]:
     """The partition's state: the table's, with the sequence, credit and measured flow
-    (arrivals per drawn sample, ``agents.compose.Flow``) of batches the timer composed since
+    (arrivals per drawn sample, ``agents.sustain.Flow``) of batches the timer composed since
     the table was last written (they are ahead of it)."""
     if int(step_state.get("sequence", 0)) <= int(table_state.get("sequence", 0)):
         return table_state

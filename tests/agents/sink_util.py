@@ -20,11 +20,11 @@ import numpy as np
 
 from agents.balance import Balance
 from agents.buffers import SAMPLE_FIELDS, Admitted, BufferStoreError, Recorded, SequenceTaken
-from agents.compose import Supply
 from agents.config import BalanceSettings
 from agents.feedback_logic import FeedbackOutcome, process_feedback
 from agents.normalize import content_digest, normalize
 from agents.step import Coords, Item
+from agents.sustain import Supply
 from schemas.records import CuratedBatch, CuratedSample
 from schemas.records import Feedback as FeedbackRecord
 from streams.serde import decode, encode

@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 
 from agents.balance import Balance
-from agents.compose import kafka_reserve
+from agents.batch_bytes import kafka_reserve
 from agents.config import BalanceSettings
 from agents.policy import PolicyError
 from schemas.records import CuratedBatch

@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from agents.buffers import BufferStoreError, ClassBuffers, SequenceTaken
-from agents.compose import Supply
+from agents.sustain import Supply
 from sluice.settings import Settings
 from streams.connections import redis_client
 

@@ -9,29 +9,22 @@ from typing import Any
 import numpy as np
 import pytest
 
+from agents.batch_bytes import batch_overhead, fit_samples, sample_bytes, utf8_prefix
 from agents.compose import (
     ComposeError,
-    Flow,
-    Supply,
     allocate,
     allocate_with_credit,
     assemble_batch,
     batch_id,
     batch_order,
-    batch_overhead,
-    fit_samples,
     label_problem,
     lineage_digest,
-    paced_shares,
     parse_batch_id,
     partition_of,
-    sample_bytes,
-    sustainable_caps,
-    update_flow,
-    utf8_prefix,
 )
 from agents.policy import target_shares
 from agents.stats import ClassEMA
+from agents.sustain import Flow, Supply, paced_shares, sustainable_caps, update_flow
 from streams import serde
 
 AMPLE = {"a": 10**6, "b": 10**6, "c": 10**6}

@@ -18,7 +18,7 @@ from collections import Counter
 import pytest
 
 from agents.balance import Balance
-from agents.compose import Flow
+from agents.sustain import Flow
 from schemas.records import CuratedBatch
 from tests.agents.sink_util import as_items, balance, labels, sample
 
