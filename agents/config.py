@@ -128,11 +128,13 @@ class DedupSettings(Section):
     enabled: bool = Field(True, description="false: no model is loaded, candidates pass as "
                           "samples without an embedding check")
     model: str = Field("all-MiniLM-L6-v2", description="packaged name, model name or path")
-    backend: Literal["auto", "torch", "onnx", "onnx-int8"] = Field(
+    backend: Literal["auto", "torch", "onnx", "onnx-int8", "static"] = Field(
         "torch", description="auto: torch fp16 on CUDA, onnx-int8 on the CPU; torch: the "
         "sentence-transformers model; onnx / onnx-int8: its ONNX export (fp32 / int8), built "
-        "offline on first use and cached (`sluice calibrate` measures each backend's "
-        "agreement with torch and writes the threshold it needs)")
+        "offline on first use and cached; static: a model2vec static model distilled "
+        "offline from it on first use (about a minute) and cached, on the CPU: one vector "
+        "per token, averaged, far faster and cruder (`sluice calibrate` measures each "
+        "backend's agreement with torch and writes the threshold it needs)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     threshold: float = Field(0.97, gt=0, le=1, description="cosine at or above: duplicate")
     batch_size: int = Field(32, ge=1, le=128, description="micro-batch size: events per "
@@ -165,6 +167,11 @@ class DedupSettings(Section):
                             "nearest candidates re-scored with their FP32 vectors before "
                             "deciding (at most 64)")
     quantization: Literal["int8", "noquant", "bin"] = "int8"
+    vector_precision: Literal["fp32", "fp16"] = Field(
+        "fp32", description="the vectors kept beside the set, with which the nearest "
+        "candidates are re-scored: fp32 (1.85 KB per item), or fp16 (0.96 KB: every decision "
+        "then compares half-precision vectors in FP32, exact and order-free on those; "
+        "bench.index measures how many decisions differ from fp32's)")
     build_ef: int = Field(100, ge=1, le=500, description="VADD EF: 100 kept recall@1 of 200, "
                           "3× faster; at most 500: a VADD's cost grows with EF (its search "
                           "runs on Redis' threads with CAS, but a commit that finds the graph "

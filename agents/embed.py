@@ -22,8 +22,11 @@ Hugging Face cache. Nothing is ever downloaded.
 
 Backends (``dedup.backend``): ``torch`` runs the sentence-transformers model; ``onnx`` and
 ``onnx-int8`` run an export of the same model with ONNX Runtime on the CPU, built offline
-from the local model on first use and cached (``agents.embed_onnx``); ``auto`` is torch
-fp16 on CUDA and onnx-int8 on the CPU (``resolve_backend``). Measured ratios and
+from the local model on first use and cached (``agents.embed_onnx``); ``static`` runs a
+model2vec static model (one vector per token, a window's vector their mean: no transformer
+at encode time) distilled offline from the local model on first use, about a minute, and
+cached (``agents.embed_static``), on the CPU, at the model's own dimension; ``auto`` is
+torch fp16 on CUDA and onnx-int8 on the CPU (``resolve_backend``). Measured ratios and
 dedup agreement with torch are in ``bench/`` (``python -m bench.embed``).
 """
 
@@ -38,6 +41,7 @@ import numpy as np
 
 from agents.config import DedupSettings
 from agents.embed_onnx import OnnxBackendError, OnnxEncoder, export
+from agents.embed_static import StaticBackendError, StaticEncoder, build
 from agents.windows import WindowMemory, window_digest
 from schemas.errors import SluiceError
 
@@ -87,7 +91,8 @@ def resolve_backend(backend: str, device: str) -> tuple[str, str, bool]:
     ``auto``: torch in fp16 on CUDA; on the CPU ``onnx-int8`` (its keep/drop decisions
     agreed with torch fp32 on the clone benchmark at its calibrated threshold, see README
     "Performance") when onnxruntime is installed, else torch. The ONNX backends run on the
-    CPU (onnxruntime here is the CPU build), so ``device = auto`` means the CPU for them.
+    CPU (onnxruntime here is the CPU build) and ``static`` is numpy, so ``device = auto``
+    means the CPU for them.
     """
     if backend == "auto":
         resolved = resolve_device(device)
@@ -143,18 +148,19 @@ class Embedder:
     busy 2-core machine 1 thread measured 2-5x faster than torch's default of 2, which spin-
     waits for a core another process holds; leave it ``None`` on a dedicated machine. With
     an ONNX backend it also sets the ONNX Runtime session's intra-op threads.
-    ``onnx_cache`` overrides the folder of the ONNX exports (``~/.cache/sluice/onnx``).
+    ``onnx_cache`` overrides the folder of the ONNX exports (``~/.cache/sluice/onnx``),
+    ``static_cache`` that of the static models (``~/.cache/sluice/static``).
     """
 
     def __init__(self, settings: DedupSettings, threads: int | None = None,
-                 onnx_cache: Path | None = None) -> None:
+                 onnx_cache: Path | None = None, static_cache: Path | None = None) -> None:
         self.settings = settings
         self.backend, self.device, half = resolve_backend(settings.backend, settings.device)
         if threads is not None:
             _torch().set_num_threads(threads)
         path = resolve_model(settings.model)
         # The torch model is loaded for every backend: it carries the tokenizer, the window
-        # and the dimension, and the ONNX export is built from it.
+        # and the dimension, and the ONNX export and the static model are built from it.
         self.model = _load_model(path, self.device, half)
         self.tokenizer = self.model.tokenizer
         self.dim: int = int(self.model.get_embedding_dimension())
@@ -164,7 +170,10 @@ class Embedder:
         self.windows = WindowMemory(settings.common_window_records,
                                     cached=settings.window_cache)
         self.onnx: OnnxEncoder | None = None
-        if self.backend != "torch":
+        self.static: StaticEncoder | None = None
+        if self.backend == "static":
+            self.static = _static_encoder(path, settings, self.device, self.dim, static_cache)
+        elif self.backend != "torch":
             self.onnx = _onnx_encoder(path, settings, self.backend, self.device,
                                       self.tokenizer, int(self.model.max_seq_length), threads,
                                       onnx_cache)
@@ -218,6 +227,8 @@ class Embedder:
         batch = self.settings.encode_batch_size
         if self.onnx is not None:
             return self.onnx.encode(texts, batch_size=batch)
+        if self.static is not None:
+            return self.static.encode(texts, batch_size=batch)
         return self.model.encode(
             texts,
             batch_size=batch,
@@ -238,6 +249,21 @@ def _onnx_encoder(path: str, settings: DedupSettings, backend: str, device: str,
                            threads=threads)
     except OnnxBackendError as exc:
         raise EmbedError(f"dedup.backend={backend!r}: {exc}") from exc
+
+
+def _static_encoder(path: str, settings: DedupSettings, device: str, dim: int,
+                    cache: Path | None) -> StaticEncoder:
+    if device != "cpu":
+        raise EmbedError(f"dedup.backend='static' runs on the CPU (numpy); use "
+                         f"dedup.backend='torch' for dedup.device={device!r}")
+    try:
+        encoder = StaticEncoder(build(path, cache, settings.model, dim=dim))
+    except StaticBackendError as exc:
+        raise EmbedError(f"dedup.backend='static': {exc}") from exc
+    if encoder.dim != dim:  # a cache written by hand or by another recipe
+        raise EmbedError(f"dedup.backend='static': the cached static model has {encoder.dim} "
+                         f"dimensions, the model {dim}")
+    return encoder
 
 
 def _windows(text: str, offsets: list[tuple[int, int]], window: int, limit: int) -> list[str]:

@@ -68,15 +68,28 @@ def cache_folder(model_path: str, variant: str, cache_dir: Path | None = None,
     """The folder holding one model's export of one variant (``label`` names it)."""
     if variant not in VARIANTS:
         raise OnnxBackendError(f"unknown ONNX variant {variant!r}; choose from {VARIANTS}")
+    digest = model_digest(model_path, str(RECIPE))
+    return (cache_dir or DEFAULT_CACHE) / f"{cache_slug(model_path, label)}-{variant}-{digest}"
+
+
+def model_digest(model_path: str, *recipe: str) -> str:
+    """Ten hex digits naming one version of a local model and the recipe built from it.
+
+    The folder's resolved path and its weights files' names, sizes and mtimes name the
+    version, so a changed model gets a new cache entry (also used by ``agents.embed_static``).
+    """
     source = Path(model_path)
-    # The weights file's size and mtime name the version of the model behind the export.
-    stamp = [str(source.resolve()), str(RECIPE)]
+    stamp = [str(source.resolve()), *recipe]
     for weights in sorted(source.glob("*.safetensors")) + sorted(source.glob("*.bin")):
         info = weights.stat()
         stamp += [weights.name, str(info.st_size), str(int(info.st_mtime))]
-    digest = hashlib.sha256("\0".join(stamp).encode()).hexdigest()[:10]
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", (label or source.name or "model").split("/")[-1])
-    return (cache_dir or DEFAULT_CACHE) / f"{slug}-{variant}-{digest}"
+    return hashlib.sha256("\0".join(stamp).encode()).hexdigest()[:10]
+
+
+def cache_slug(model_path: str, label: str | None = None) -> str:
+    """The readable part of a cache folder's name: ``label`` (the setting) or the folder's."""
+    name = (label or Path(model_path).name or "model").split("/")[-1]
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
 def _whole_model(model: Any, names: list[str]) -> Any:

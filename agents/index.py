@@ -92,7 +92,7 @@ return out
 """
 
 
-_QUANTIZATION = {"int8": "Q8", "noquant": "NOQUANT", "bin": "BIN"}
+QUANTIZATION = {"int8": "Q8", "noquant": "NOQUANT", "bin": "BIN"}
 
 HOLD_WINDOW = 64  # admission calls over which ``longest_hold_s`` is the maximum
 MAX_ROUNDS = 8  # an item is decided again when what it duplicated lost a race; that is rare
@@ -192,7 +192,7 @@ class VectorIndex:
 
     def admit(self, ids: list[str], vectors: np.ndarray) -> list[Admission]:
         """Decide every item, in input order (see the module's docstring for the steps)."""
-        rows = _fp32_rows(vectors)
+        rows = stored_rows(vectors, self.settings.vector_precision)
         if len(ids) != len(rows):
             raise VectorIndexError(f"{len(ids)} ids for {len(rows)} vectors")
         if not ids:
@@ -260,7 +260,7 @@ class VectorIndex:
         replies = pipe.execute()
         clock = replies[0] or b"0"
         already = [bool(r) for r in replies[1::2]]
-        hits = [[_text(h) for h in (r or [])] for r in replies[2::2]]
+        hits = [[text_of(h) for h in (r or [])] for r in replies[2::2]]
         wanted = sorted({h for row_hits in hits for h in row_hits})
         asked = sorted(set(wanted) | {i for i, seen in zip(ids, already, strict=True) if seen})
         if not asked:
@@ -274,7 +274,8 @@ class VectorIndex:
         stored = dict(zip(wanted, replies[0] if wanted else [], strict=True))
         pending = {h for h, flag in zip(asked, flags, strict=True) if flag}
         # A hit without its FP32 vector is being removed (race loser, aged out): skip it.
-        found = [{h: _row(stored[h]) for h in row_hits if stored[h] is not None}
+        dim = rows.shape[1]
+        found = [{h: vector_of(stored[h], dim) for h in row_hits if stored[h] is not None}
                  for row_hits in hits]
         return clock, already, found, pending
 
@@ -282,12 +283,13 @@ class VectorIndex:
                           holds: list[float]) -> dict[str, tuple[str, float]]:
         """Write the kept items, register them, and remove those that lost a race; the
         losers: id → (winner, cosine)."""
-        quant = _QUANTIZATION[self.settings.quantization]
+        quant = QUANTIZATION[self.settings.quantization]
         pipe = self.client.pipeline(transaction=False)
         # Pending and the FP32 vector first: an element visible in the set always has its
         # vector, and others wait for its fate before naming it as an original.
         pipe.execute_command("SADD", self.pending_key, *kept)
-        pipe.hset(self.vectors_key, mapping={k: v.tobytes() for k, v in kept.items()})
+        precision = self.settings.vector_precision
+        pipe.hset(self.vectors_key, mapping={k: pack(v, precision) for k, v in kept.items()})
         for item_id, row in kept.items():
             pipe.execute_command("VADD", self.key, "FP32", row.tobytes(), item_id,
                                  *self._vadd_mode, quant, "EF", self.settings.build_ef,
@@ -295,11 +297,13 @@ class VectorIndex:
         pipe.execute()
         t0 = time.perf_counter()
         reply = self._register(keys=[self.log_key, self.clock_key, self.vectors_key],
-                               args=[_text(clock), *kept])
+                               args=[text_of(clock), *kept])
         holds.append(time.perf_counter() - t0)
         # Not our own writes; an id we kept that another worker wrote too is the same event.
-        window = {_text(i): _row(v) for i, v in zip(reply[::2], reply[1::2], strict=True)
-                  if v is not None and _text(i) not in kept}
+        dim = len(next(iter(kept.values())))
+        window = {text_of(i): vector_of(v, dim)
+                  for i, v in zip(reply[::2], reply[1::2], strict=True)
+                  if v is not None and text_of(i) not in kept}
         lost = settle(kept, window, self.settings.threshold)
         pipe = self.client.pipeline(transaction=False)
         if lost:
@@ -338,7 +342,7 @@ class VectorIndex:
         if not horizon.items and not horizon.age_s:
             return
         t0 = time.perf_counter()
-        due = [_text(i) for i in self._due(keys=[self.log_key], args=[
+        due = [text_of(i) for i in self._due(keys=[self.log_key], args=[
             horizon.items, int(horizon.age_s * 1e6), horizon.evict_per_call])]
         holds.append(time.perf_counter() - t0)
         if due:
@@ -367,6 +371,13 @@ class VectorIndex:
         """Elements in the set (``VCARD``; 0 when it does not exist yet)."""
         return int(self.client.execute_command("VCARD", self.key))
 
+    def dim(self) -> int | None:
+        """The set's vector dimension (``VDIM``; None when it does not exist yet)."""
+        try:
+            return int(self.client.execute_command("VDIM", self.key))
+        except redis.ResponseError:
+            return None
+
     def memory_bytes(self) -> int:
         """Bytes the index takes in Redis: the set, the FP32 vectors and the log
         (``MEMORY USAGE``; 0 when nothing exists yet)."""
@@ -380,7 +391,26 @@ class VectorIndex:
             self.client.delete(key)
 
 
-def _fp32_rows(vectors: np.ndarray) -> np.ndarray:
+#: How ``dedup.vector_precision`` stores a vector beside the set.
+PRECISION_DTYPE = {"fp32": "<f4", "fp16": "<f2"}
+
+
+def stored_rows(vectors: np.ndarray, precision: str) -> np.ndarray:
+    """``fp32_rows`` rounded to what the index keeps: under fp16 an item is searched,
+    written and compared as its half-precision vector, so a pair is decided alike
+    whichever of the two came first."""
+    rows = fp32_rows(vectors)
+    if precision == "fp32":
+        return rows
+    return np.ascontiguousarray(rows.astype(PRECISION_DTYPE[precision]).astype("<f4"))
+
+
+def pack(row: np.ndarray, precision: str) -> bytes:
+    """A row as kept in the vectors hash."""
+    return row.astype(PRECISION_DTYPE[precision]).tobytes()
+
+
+def fp32_rows(vectors: np.ndarray) -> np.ndarray:
     """The vectors as a C-contiguous little-endian FP32 matrix (``VADD``/``VSIM … FP32``)."""
     array = np.ascontiguousarray(vectors, dtype="<f4")
     if array.ndim != 2:
@@ -390,9 +420,13 @@ def _fp32_rows(vectors: np.ndarray) -> np.ndarray:
     return array
 
 
-def _row(blob: bytes) -> np.ndarray:
-    return np.frombuffer(blob, dtype="<f4")
+def vector_of(blob: bytes, dim: int) -> np.ndarray:
+    """A vector of the vectors hash as an FP32 row; fp32 and fp16 ones are told apart by
+    their length, so an index keeps working across a change of ``vector_precision``."""
+    dtype = "<f2" if len(blob) == 2 * dim else "<f4"
+    return np.frombuffer(blob, dtype=dtype).astype(np.float32, copy=False)
 
 
-def _text(value: Any) -> str:
+def text_of(value: Any) -> str:
+    """A Redis reply value (bytes or not) as text."""
     return value.decode() if isinstance(value, bytes) else str(value)

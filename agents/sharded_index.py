@@ -77,15 +77,16 @@ from agents.admission import Decision
 from agents.config import DedupSettings
 from agents.horizon import DUE_LUA
 from agents.index import (
-    _QUANTIZATION,
     HOLD_WINDOW,
+    QUANTIZATION,
     Admission,
     VectorIndex,
     VectorIndexError,
-    _fp32_rows,
-    _row,
-    _text,
     decide_in_rounds,
+    pack,
+    stored_rows,
+    text_of,
+    vector_of,
 )
 from agents.keys import (
     centroids_current_key,
@@ -273,7 +274,7 @@ class ShardedIndex:
 
     def admit(self, ids: list[str], vectors: np.ndarray) -> list[Admission]:
         """Decide every item, in input order (see the module's docstring for the steps)."""
-        rows = _fp32_rows(vectors)
+        rows = stored_rows(vectors, self.settings.vector_precision)
         if len(ids) != len(rows):
             raise VectorIndexError(f"{len(ids)} ids for {len(rows)} vectors")
         if not ids:
@@ -367,8 +368,8 @@ class ShardedIndex:
                     already[i] = True
                     where[item_id] = s
                 for hit in next(replies) or []:
-                    hits[i].append((s, _text(hit)))
-                    where.setdefault(_text(hit), s)
+                    hits[i].append((s, text_of(hit)))
+                    where.setdefault(text_of(hit), s)
         wanted: dict[int, list[str]] = defaultdict(list)
         for s, hit in sorted({pair for row_hits in hits for pair in row_hits}):
             wanted[s].append(hit)
@@ -396,7 +397,9 @@ class ShardedIndex:
             flags = next(replies)
             pending.update(h for h, flag in zip(sorted(asked[s]), flags, strict=True) if flag)
         # A hit without its FP32 vector is being removed (race loser, aged out): skip it.
-        found = [{h: _row(stored[s, h]) for s, h in row_hits if stored[s, h] is not None}
+        dim = rows.shape[1]
+        found = [{h: vector_of(stored[s, h], dim) for s, h in row_hits
+                  if stored[s, h] is not None}
                  for row_hits in hits]
         return clocks, already, found, pending, where
 
@@ -407,7 +410,7 @@ class ShardedIndex:
         """Write the kept items to their homes, register them in every shard they probe,
         remove those that lost a race; the losers (id → (winner, cosine)) and the shard
         each winner lives in."""
-        quant = _QUANTIZATION[self.settings.quantization]
+        quant = QUANTIZATION[self.settings.quantization]
         by_home: dict[int, dict[str, np.ndarray]] = defaultdict(dict)
         shadows: dict[int, list[str]] = defaultdict(list)
         for item_id, (row, own) in kept.items():
@@ -420,7 +423,8 @@ class ShardedIndex:
             # Pending and the FP32 vector first, as in VectorIndex: an element visible in
             # a set always has its vector, and others wait for its fate before naming it.
             pipe.execute_command("SADD", shard.pending_key, *items)
-            pipe.hset(shard.vectors_key, mapping={k: v.tobytes() for k, v in items.items()})
+            pipe.hset(shard.vectors_key, mapping={
+                k: pack(v, self.settings.vector_precision) for k, v in items.items()})
             for item_id, row in items.items():
                 pipe.execute_command("VADD", shard.key, "FP32", row.tobytes(), item_id,
                                      *self._vadd_mode, quant, "EF", self.settings.build_ef,
@@ -433,7 +437,7 @@ class ShardedIndex:
             homed = list(by_home.get(s, {}))
             calls.append(([shard.log_key, shard.clock_key, shard.vectors_key,
                            self.shadow_keys[s]],
-                          [_text(clocks[s]), len(homed), *homed, *shadows.get(s, [])]))
+                          [text_of(clocks[s]), len(homed), *homed, *shadows.get(s, [])]))
         t0 = time.perf_counter()
         replies = self._register_all(calls)
         holds.append(time.perf_counter() - t0)
@@ -473,16 +477,17 @@ class ShardedIndex:
         """Each shard's race window as ``WindowItem``s (not our own items: an id we kept
         that another worker wrote too is the same event), and the shard each lives in."""
         entries: list[tuple[int, str, np.ndarray]] = []
+        dim = self.centroids.dim
         lives_in: dict[str, int] = {}
         remote: dict[int, list[tuple[int, str]]] = defaultdict(list)
         for s, (homes, shadow_members) in zip(touched, replies, strict=True):
             for raw_id, blob in zip(homes[::2], homes[1::2], strict=True):
-                item_id = _text(raw_id)
+                item_id = text_of(raw_id)
                 if blob is not None and item_id not in kept:
-                    entries.append((s, item_id, _row(blob)))
+                    entries.append((s, item_id, vector_of(blob, dim)))
                     lives_in[item_id] = s
             for member in shadow_members:
-                home, item_id = shard_of_member(_text(member))
+                home, item_id = shard_of_member(text_of(member))
                 if item_id not in kept and 0 <= home < len(self.shards):
                     remote[home].append((s, item_id))
         if remote:
@@ -494,7 +499,7 @@ class ShardedIndex:
             for home, blobs in zip(homes_order, pipe.execute(), strict=True):
                 for (s, item_id), blob in zip(remote[home], blobs, strict=True):
                     if blob is not None:
-                        entries.append((s, item_id, _row(blob)))
+                        entries.append((s, item_id, vector_of(blob, dim)))
                         lives_in[item_id] = home
         if not entries:
             return [], lives_in

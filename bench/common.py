@@ -60,8 +60,8 @@ def machine() -> dict[str, Any]:
                 cpu["flags"] = sorted({f for f in value.split() if f.startswith(wanted)})
                 break
     versions = {}
-    for name in ("torch", "onnxruntime", "sentence-transformers", "transformers", "redis",
-                 "faust-streaming", "datasketch", "numpy"):
+    for name in ("torch", "onnxruntime", "sentence-transformers", "transformers", "model2vec",
+                 "redis", "faust-streaming", "datasketch", "numpy"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[name] = metadata.version(name)
     info: dict[str, Any] = {

@@ -143,12 +143,14 @@ def planted_copies(vectors: np.ndarray, count: int, threshold: float,
 
 
 def measure(client: Any, vectors: np.ndarray, queries: np.ndarray, checkpoints: list[int],
-            quantization: str, build_ef: int, offload: bool) -> list[dict[str, Any]]:
+            quantization: str, build_ef: int, offload: bool, precision: str = "fp32"
+            ) -> list[dict[str, Any]]:
     """Fill one index through ``VectorIndex.admit``; measure at each checkpoint."""
     from agents.config import DedupSettings
     from agents.index import VectorIndex
 
-    settings = DedupSettings(quantization=quantization, build_ef=build_ef, offload=offload)
+    settings = DedupSettings(quantization=quantization, build_ef=build_ef, offload=offload,
+                             vector_precision=precision)
     index = VectorIndex(client, f"bench-{uuid.uuid4().hex}", settings)
     rows: list[dict[str, Any]] = []
     pos = 0
@@ -179,6 +181,7 @@ def measure(client: Any, vectors: np.ndarray, queries: np.ndarray, checkpoints: 
             # The admissions' own time: the SLOWLOG reads between them are not counted. The
             # load average says how busy the (shared) machine was meanwhile.
             row = {"quantization": quantization, "build_ef": build_ef, "offload": offload,
+                   "vector_precision": precision,
                    "size": size, "offered": pos, "admit_per_s": (pos - start_pos) / sum(walls),
                    "load_avg_1m": os.getloadavg()[0],
                    "call_p50_ms": float(np.percentile(walls, 50) * 1e3),
@@ -317,24 +320,27 @@ def run(quick: bool) -> dict[str, Any]:
     queries, real = real[-HELD_OUT:], real[:-HELD_OUT]
     big = 10_000 if quick else 100_000
     vectors = vectors_for(big, real)
-    configs: list[tuple[str, int, bool, list[int]]] = [
-        ("int8", 100, False, [3_000, 10_000] if quick else [10_000, 100_000]),
-        ("int8", 100, True, [3_000, 10_000] if quick else [10_000, 100_000]),
-        ("noquant", 100, False, [3_000] if quick else [10_000])]
+    configs: list[tuple[str, int, bool, list[int], str]] = [
+        ("int8", 100, False, [3_000, 10_000] if quick else [10_000, 100_000], "fp32"),
+        ("int8", 100, True, [3_000, 10_000] if quick else [10_000, 100_000], "fp32"),
+        ("int8", 100, False, [3_000, 10_000] if quick else [10_000, 100_000], "fp16"),
+        ("noquant", 100, False, [3_000] if quick else [10_000], "fp32")]
     results = []
     previous = _previous_design(quick)
     with private_redis() as client:
-        for quantization, ef, offload, checkpoints in configs:
+        for quantization, ef, offload, checkpoints, precision in configs:
             results += measure(client, vectors, queries, checkpoints, quantization, ef,
-                               offload)
+                               offload, precision)
     show(f"semantic admission through VectorIndex.admit (batches of {BATCH}, real "
          f"embeddings; recall on {HELD_OUT} held-out real lines; longest = longest server "
          "call of each admit, by SLOWLOG; script = the product's admit.hold_s)",
-         ["quant", "offload", "size", "admit/s", "× before", "call p50 ms", "longest p50 ms",
-          "longest p99 ms", "longest p99 × before", "script p99 ms", "B/item", "recall@1",
+         ["quant", "vectors", "offload", "size", "admit/s", "× before", "call p50 ms",
+          "longest p50 ms", "longest p99 ms", "longest p99 × before", "script p99 ms",
+          "B/item", "recall@1",
           "planted recall", "pairs ≥ thr", "dup recall", "dup precision"],
-         [[r["quantization"], r["offload"], r["size"], r["admit_per_s"],
-           _ratio(r, previous, "admit_per_s", "admit_per_s"), r["call_p50_ms"],
+         [[r["quantization"], r.get("vector_precision", "fp32"), r["offload"], r["size"],
+           r["admit_per_s"], _ratio(r, previous, "admit_per_s", "admit_per_s"),
+           r["call_p50_ms"],
            r["longest_p50_ms"], r["longest_p99_ms"],
            _ratio(r, previous, "longest_p99_ms", "hold_p99_ms"), r["script_p99_ms"],
            r["bytes_per_item"], r["recall_at_1"], r["planted_recall"],

@@ -61,6 +61,8 @@ DUPLICATE_REASONS = {"exact_duplicate", "near_duplicate", "semantic_duplicate"}
 FIELDS = ("id", "source", "kind", "language", "label", "content")
 #: Agreement with torch at which a faster backend may replace it (issue 11).
 AGREEMENT_FOR_DEFAULT = 0.99
+#: The embedding backends it can compare (``dedup.backend`` values but ``auto``).
+BACKENDS = ("torch", "onnx", "onnx-int8", "static")
 
 
 class CalibrationError(SluiceError):

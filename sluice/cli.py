@@ -273,7 +273,8 @@ def decontaminate(ctx: click.Context, paths: tuple[Path, ...], namespace: str | 
               "apart) may drop beyond near-identical ones.")
 @click.option("--no-semantic", is_flag=True, help="Calibrate the fuzzy layers only.")
 @click.option("--backends", default="torch,onnx-int8", show_default=True,
-              help="Embedding backends compared with torch (comma-separated).")
+              help="Embedding backends compared with torch (comma-separated): onnx, "
+              "onnx-int8, static.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("sluice.calibrated.toml"), show_default=True,
               help="Where the chosen settings are written.")
@@ -286,17 +287,17 @@ def calibrate(ctx: click.Context, paths: tuple[Path, ...], limit: int, originals
     """Choose each dedup layer's threshold on your own files (planted copies) and write them."""
     from rich.console import Console
 
+    from sluice.calibrate import BACKENDS, write_toml
     from sluice.calibrate import calibrate as run_calibration
-    from sluice.calibrate import write_toml
 
     if out_path.exists() and not force:  # before the long part, not after it
         raise SluiceError(f"{out_path} exists: pass --force to overwrite it, or --out another "
                           "file")
     chosen = [b.strip() for b in backends.split(",") if b.strip()]
-    unknown = set(chosen) - {"torch", "onnx", "onnx-int8"}
+    unknown = set(chosen) - set(BACKENDS)
     if unknown:
         raise SluiceError(f"--backends: unknown {', '.join(sorted(unknown))}; choose from "
-                          "torch, onnx, onnx-int8")
+                          f"{', '.join(BACKENDS)}")
     result = run_calibration(settings_of(ctx), list(paths), limit=limit, originals=originals,
                              max_lost=max_lost, semantic=False if no_semantic else None,
                              backends=chosen, seed=seed, console=Console(stderr=True))

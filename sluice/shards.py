@@ -41,7 +41,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from agents.config import DedupSettings
-from agents.index import VectorIndex
+from agents.index import VectorIndex, vector_of
 from agents.pipeline import load_embedder
 from agents.planting import gather
 from agents.sharded_index import CentroidStore, ShardedIndex
@@ -136,7 +136,8 @@ def index_sample(client: redis.Redis, namespace: str, dedup: DedupSettings, limi
         want = min(size, math.ceil(limit * size / total))
         if want:
             reply: Any = client.hrandfield(shard.vectors_key, want, withvalues=True)
-            rows += [np.frombuffer(v, dtype="<f4") for v in reply[1::2]]
+            dim = shard.dim() or 0
+            rows += [vector_of(v, dim) for v in reply[1::2]]
     return np.stack(rows[:limit]).astype(np.float32)
 
 
@@ -230,6 +231,7 @@ def _move(client: redis.Redis, sources: list[VectorIndex], target: ShardedIndex,
             if item_id not in logged and item_id not in moved:
                 order.append((math.inf, n, item_id))
     order.sort()
+    dims = [source.dim() or 0 for source in sources]
     batch = target.settings.batch_size
     with _progress(console, "moving (second pass)" if late else "moving") as progress:
         task = progress.add_task("moving", total=len(order))
@@ -245,7 +247,7 @@ def _move(client: redis.Redis, sources: list[VectorIndex], target: ShardedIndex,
             moved.update(item_id for _, _, item_id in chunk)
             if present:
                 ids = [item_id for (_, _, item_id), _ in present]
-                vectors = np.stack([np.frombuffer(blob, dtype="<f4") for _, blob in present])
+                vectors = np.stack([vector_of(blob, dims[n]) for (_, n, _), blob in present])
                 decided = target.admit(ids, vectors)
                 for admission in decided:
                     counts["already" if admission.already else "late" if late and

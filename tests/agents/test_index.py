@@ -187,6 +187,38 @@ def test_planted_near_copies_are_rejected_and_distinct_files_kept(
 
 
 @pytest.mark.integration
+def test_fp16_vectors_halve_the_stored_vectors_and_decide_on_the_rounded_ones(
+        client: redis.Redis, corpus: Corpus) -> None:
+    """``vector_precision = fp16``: the planted copies go as under fp32, the vectors hash
+    holds 2 bytes per dimension (half the memory), the reported cosine is the one of the
+    half-precision vectors, and an index written under fp32 is read on under fp16."""
+    namespace = f"test-{uuid.uuid4().hex}"
+    half = VectorIndex(client, namespace, DedupSettings(vector_precision="fp16"))
+    full = VectorIndex(client, f"{namespace}-full", SETTINGS)
+    try:
+        ids = [f"orig/{name}" for name in FILES]
+        for index in (half, full):
+            assert all(a.keep for a in index.admit(ids, corpus.vectors[:, 0]))
+        dim = corpus.vectors.shape[-1]
+        assert {len(b) for b in client.hvals(half.vectors_key)} == {2 * dim}
+        assert client.memory_usage(half.vectors_key) < 0.6 * client.memory_usage(
+            full.vectors_key)
+        copies = half.admit([f"edit/{n}" for n in FILES], corpus.vectors[:, 1])
+        rounded = corpus.vectors.astype("<f2").astype(np.float32)
+        for f, (original, got) in enumerate(zip(ids, copies, strict=True)):
+            assert not got.keep and got.duplicate_of == original
+            assert got.similarity == pytest.approx(float(rounded[f, 1] @ rounded[f, 0]),
+                                                   abs=1e-6)
+        # The fp32 index read with fp16 settings: its stored vectors are still decoded.
+        mixed = VectorIndex(client, f"{namespace}-full", DedupSettings(vector_precision="fp16"))
+        again = mixed.admit([f"edit/{n}" for n in FILES], corpus.vectors[:, 2])
+        assert [a.duplicate_of for a in again] == ids
+    finally:
+        half.clear()
+        full.clear()
+
+
+@pytest.mark.integration
 def test_duplicates_inside_one_micro_batch_are_caught(index: VectorIndex, corpus: Corpus) -> None:
     vectors = np.stack(
         [corpus.vectors[0, 0], corpus.vectors[1, 0], corpus.vectors[0, 2], corpus.vectors[1, 1]]
