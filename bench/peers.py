@@ -136,7 +136,8 @@ def scores(pred: np.ndarray, gold: np.ndarray) -> dict[str, float]:
 
 
 def run(quick: bool) -> dict[str, Any]:
-    """All methods; writes bench/results/peers[-quick].json."""
+    """All methods; writes bench/results/peers[-<backend>][-quick].json (no suffix for
+    torch)."""
     from agents.config import DedupSettings
 
     threshold = DedupSettings().threshold
@@ -176,7 +177,11 @@ def run(quick: bool) -> dict[str, Any]:
            f"{r['time_vs_datasketch']:.1f}x"] for name, r in results.items()])
     payload = {"items": len(texts), "true_duplicates": int(gold.sum()), "methods": results,
                "note": "brute-force cosine items/s excludes embedding; sluice's includes it"}
-    write_result("peers", quick, payload)
+    from sluice.settings import load_settings
+
+    backend = load_settings().dedup.backend  # as sluice_layers ran (SLUICE_DEDUP__BACKEND)
+    payload["backend"] = backend
+    write_result("peers" if backend == "torch" else f"peers-{backend}", quick, payload)
     return payload
 
 

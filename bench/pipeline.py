@@ -1,6 +1,6 @@
 """Pipeline overhead, work avoided, and scale-out, on a private embedded Kafka + Redis.
 
-``python -m bench.pipeline [--quick] [--backend torch|onnx|onnx-int8]``
+``python -m bench.pipeline [--quick] [--backend torch|onnx|onnx-int8|static]``
 
 Real files with their natural duplicates (Debian copyright files and licenses,
 site-packages and stdlib sources) are produced to ``raw-events``; then, measured in one run:
@@ -246,7 +246,8 @@ def with_workers(settings: Any, events: list[dict[str, Any]], count: int, folder
 
 
 def run(quick: bool, backend: str = "torch") -> dict[str, Any]:
-    """All parts; writes bench/results/pipeline[-quick].json."""
+    """All parts; writes bench/results/pipeline[-<backend>][-quick].json (no suffix for
+    torch)."""
     events = raw_events(120, 2_500) if quick else raw_events(400, 6_000)
     with tempfile.TemporaryDirectory(prefix="sluice-bench-") as tmp, \
             private_stack(Path(tmp) / "stack") as base:
@@ -260,7 +261,7 @@ def run(quick: bool, backend: str = "torch") -> dict[str, Any]:
                                             Path(tmp) / "workers"))
     _report(result, workers, backend)
     payload = {"backend": backend, "in_process": result, "workers": workers}
-    write_result("pipeline", quick, payload)
+    write_result("pipeline" if backend == "torch" else f"pipeline-{backend}", quick, payload)
     return payload
 
 
@@ -307,6 +308,7 @@ def _report(r: dict[str, Any], workers: list[dict[str, Any]], backend: str) -> N
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--backend", default="torch", choices=["torch", "onnx", "onnx-int8"])
+    parser.add_argument("--backend", default="torch",
+                        choices=["torch", "onnx", "onnx-int8", "static"])
     args = parser.parse_args()
     run(args.quick, args.backend)
