@@ -57,6 +57,9 @@ from streams.connections import redis_client
 
 FUZZY_GRID = tuple(round(0.5 + 0.05 * k, 2) for k in range(10))  # 0.50 … 0.95
 SEMANTIC_GRID = tuple(round(0.94 + 0.005 * k, 3) for k in range(11))  # 0.940 … 0.990
+#: Where the other backends look for their agreement with torch: higher too, since a
+#: cruder model (static) puts unrelated files closer and agrees only near 0.9975.
+AGREEMENT_GRID = (*SEMANTIC_GRID, 0.9925, 0.995, 0.9975, 0.999)
 DUPLICATE_REASONS = {"exact_duplicate", "near_duplicate", "semantic_duplicate"}
 FIELDS = ("id", "source", "kind", "language", "label", "content")
 #: Agreement with torch at which a faster backend may replace it (issue 11).
@@ -243,6 +246,12 @@ def semantic_points(grid: Sequence[float], sims: np.ndarray, distinct: int,
     return points, decisions
 
 
+def semantic_grid(backend: str) -> tuple[float, ...]:
+    """The thresholds a backend is swept over: torch's grid (whose strictest threshold is
+    what "lost" is measured against), wider for the others (``AGREEMENT_GRID``)."""
+    return SEMANTIC_GRID if backend == "torch" else AGREEMENT_GRID
+
+
 def closest_agreement(points: Sequence[Point], reference: float) -> Point:
     """The point of highest agreement with torch (ties: the threshold nearest torch's)."""
     return max(points, key=lambda p: (p.agreement or 0.0, -abs(p.threshold - reference)))
@@ -405,8 +414,8 @@ def _semantic(settings: Settings, distinct: list[Event], copies: list[Event],
             vectors.append(embedder.encode(texts[start:start + 16]))
             progress.advance(task, len(texts[start:start + 16]))
         matrix = np.vstack(vectors) if vectors else np.zeros((0, embedder.dim))
-        points, decisions = semantic_points(SEMANTIC_GRID, matrix @ matrix.T, len(distinct),
-                                            caught, edits, reference)
+        points, decisions = semantic_points(semantic_grid(backend), matrix @ matrix.T,
+                                            len(distinct), caught, edits, reference)
         if reference is None:  # torch: the reference, chosen by recall within the budget
             torch_threshold = choose(points, max_lost).threshold
             reference, at_configured = decisions[torch_threshold], decisions[configured]

@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from sluice.calibrate import (
+    SEMANTIC_GRID,
     Decisions,
     Point,
     calibrate,
@@ -21,6 +22,7 @@ from sluice.calibrate import (
     closest_agreement,
     minhash_similarity,
     pair_points,
+    semantic_grid,
     semantic_points,
     stream_keep,
 )
@@ -110,6 +112,22 @@ def test_a_backend_gets_the_threshold_where_it_agrees_with_torch() -> None:
                                 torch_keep[0.97])
     assert [p.agreement for p in points] == [0.75, 1.0, 0.75, 0.75]
     assert closest_agreement(points, 0.97).threshold == 0.965
+
+
+def test_a_backend_that_sees_everything_closer_is_searched_above_torch_s_grid() -> None:
+    """A static model puts unrelated files closer (two distinct files at 0.996, the copy at
+    0.999): it agrees with torch only at 0.9975, above torch's grid, which stays as it is
+    (its "lost" is measured against its own strictest threshold)."""
+    assert semantic_grid("torch") == SEMANTIC_GRID and max(SEMANTIC_GRID) == 0.99
+    _, torch_keep = semantic_points(SEMANTIC_GRID, cosines(0.975), 3, np.array([False]),
+                                    ["rename"], None)
+    sims = cosines(0.999)
+    sims[1, 2] = sims[2, 1] = 0.996
+    points, _ = semantic_points(semantic_grid("static"), sims, 3, np.array([False]),
+                                ["rename"], torch_keep[0.97])
+    best = closest_agreement(points, 0.97)
+    assert (best.threshold, best.agreement) == (0.9975, 1.0)
+    assert max(p.agreement or 0.0 for p in points if p.threshold <= 0.99) == 0.75
 
 
 @pytest.mark.integration
