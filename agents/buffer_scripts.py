@@ -48,9 +48,10 @@ local function draw_class(qkey, label, supply, want, excluded, cap, retain, pref
 end
 """
 
-# KEYS: seen, class list, classes, evictions, outbox index, supply
+# KEYS: seen, class list, classes, evictions, outbox index, supply, seen order (zset),
+#       seen arrival counter
 # ARGV: id, label, buffer_cap, seen_ttl, retain, sample-key prefix, mark, reuse_cap,
-#       field, value, ...
+#       seen_cap, field, value, ...
 # Returns {1 if new else 0, the mark the id was first added with ('' if none), unsent}.
 # The mark is '@<offset>' (the samples offset that added it) or '1' (offset unknown).
 ADD = _RELEASE + """
@@ -66,7 +67,17 @@ if first or redis.call('EXISTS', skey) == 1 then
 end
 redis.call('HSET', KEYS[1], id, mark)
 if ttl > 0 then redis.call('HEXPIRE', KEYS[1], ttl, 'FIELDS', 1, id) end
-redis.call('HSET', skey, 'uses', '0', unpack(ARGV, 9))
+-- The idempotency memory is bounded by count too: the oldest ids are forgotten first.
+local seencap = tonumber(ARGV[9])
+if seencap > 0 then
+  redis.call('ZADD', KEYS[7], redis.call('INCR', KEYS[8]), id)
+  local over = redis.call('ZCARD', KEYS[7]) - seencap
+  if over > 0 then
+    local old = redis.call('ZPOPMIN', KEYS[7], over)
+    for i = 1, #old, 2 do redis.call('HDEL', KEYS[1], old[i]) end
+  end
+end
+redis.call('HSET', skey, 'uses', '0', unpack(ARGV, 10))
 redis.call('RPUSH', KEYS[2], id)
 redis.call('SADD', KEYS[3], label)
 redis.call('HINCRBY', KEYS[6], 'u:' .. label, reuse)

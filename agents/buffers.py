@@ -17,6 +17,8 @@ tag: one partition's keys share a slot, which its scripts need):
 | ``…:classes``          | set    | every label ever buffered                                   |
 | ``…:seen``             | hash   | id → ``@<offset>`` that first added it (field TTL         |
 |                        |        | ``seen_ttl_s``): replays are no-ops                        |
+| ``…:seen:order``       | zset   | the same ids by arrival, to forget the oldest beyond       |
+|                        |        | ``seen_cap`` (``…:seen:seq`` counts the arrivals)          |
 | ``…:evictions``        | hash   | label → samples evicted because the class was full          |
 | ``…:supply``           | hash   | ``u:<label>`` → uses left in the class's queued samples,    |
 |                        |        | ``f:<label>`` → its queued samples never drawn (``supply``) |
@@ -97,7 +99,9 @@ class ClassBuffers:
 
     ``buffer_cap`` bounds each class list, ``reuse_cap`` the draws of one sample;
     ``seen_ttl_s`` is how long an added id is remembered for idempotency (None: forever;
-    keep it at least the samples topic's retention), ``retain_s`` how long a sample's
+    keep it at least the samples topic's retention) and ``seen_cap`` how many at most
+    (the oldest forgotten first; None: no bound, about 95 bytes of Redis per id without
+    it, 190 with it), ``retain_s`` how long a sample's
     payload outlives its last buffered use, ``replay_cap`` bounds the replay queue
     (default ``buffer_cap``). The client must return bytes (no ``decode_responses``).
     """
@@ -111,6 +115,7 @@ class ClassBuffers:
         reuse_cap: int,
         *,
         seen_ttl_s: int | None = 7 * 24 * 3600,
+        seen_cap: int | None = 100_000,
         retain_s: int = 600,
         replay_cap: int | None = None,
     ) -> None:
@@ -126,6 +131,7 @@ class ClassBuffers:
         self.buffer_cap = int(buffer_cap)
         self.reuse_cap = int(reuse_cap)
         self.seen_ttl_s = int(seen_ttl_s or 0)
+        self.seen_cap = int(seen_cap or 0)
         self.retain_s = int(retain_s)
         self.replay_cap = int(replay_cap if replay_cap is not None else buffer_cap)
         self.prefix = buffer_prefix(namespace, self.partition)
@@ -162,11 +168,13 @@ class ClassBuffers:
                 value = sample[name]
                 fields += [name, bytes(value) if name == "embedding" else str(value)]
             keys = [self._key("seen"), self.queue_key(label), self._key("classes"),
-                    self._key("evictions"), self._key("outbox"), self._key("supply")]
+                    self._key("evictions"), self._key("outbox"), self._key("supply"),
+                    self._key("seen", "order"), self._key("seen", "seq")]
             mark = "1" if offset is None else f"@{int(offset)}"
             # Keyed by its name in the stores: a later version of an id is a new sample.
             args = [store_id(sample), label, self.buffer_cap, self.seen_ttl_s,
-                    self.retain_s, self._sample_prefix, mark, self.reuse_cap, *fields]
+                    self.retain_s, self._sample_prefix, mark, self.reuse_cap, self.seen_cap,
+                    *fields]
         except (KeyError, TypeError, ValueError) as exc:
             raise BufferStoreError(
                 f"sample {sample.get('id')!r} cannot be buffered: {exc!r}"
@@ -424,4 +432,5 @@ def buffers_for(client: redis.Redis, namespace: str, partition: int,
                 settings: BalanceSettings) -> ClassBuffers:
     """The class buffers of one samples partition, sized by the balance settings."""
     return ClassBuffers(client, namespace, partition, settings.buffer_cap, settings.reuse_cap,
-                        seen_ttl_s=settings.seen_ttl_s or None, retain_s=settings.retain_s)
+                        seen_ttl_s=settings.seen_ttl_s or None,
+                        seen_cap=settings.seen_cap or None, retain_s=settings.retain_s)

@@ -261,6 +261,12 @@ class BalanceSettings(Section):
     replay_fraction: float = Field(0.125, ge=0, le=1, description="most of a batch replayed")
     seen_ttl_s: int = Field(7 * 24 * 3600, ge=0, description="idempotency memory per id; "
                             "keep ≥ the samples topic's retention (0: forever)")
+    seen_cap: int = Field(100_000, ge=0, description="ids remembered per samples partition "
+                          "for idempotency at most, the oldest forgotten first (0: no bound "
+                          "but seen_ttl_s); about 190 bytes of Redis each. Keep it above the "
+                          "samples a partition receives in the longest replay you expect "
+                          "(a redelivery after a crash is seconds of them); an id forgotten "
+                          "whose payload is gone is buffered again if it is redelivered")
     retain_s: int = Field(600, ge=0, description="a used sample stays replayable this long")
     seed: int = 0
     max_labels: int = Field(256, ge=1, description="distinct classes a namespace keeps; a "

@@ -87,6 +87,30 @@ def test_add_is_idempotent_by_id(make: Any, client: redis.Redis) -> None:
     assert used.add(sample(5)) is False and used.sizes() == {"a": 0}
 
 
+def test_the_idempotency_memory_is_bounded_by_count_oldest_forgotten_first(
+        make: Any, client: redis.Redis) -> None:
+    # Found in the 60-minute soak: the seen hash grew by ~95 bytes per sample for seven
+    # days (seen_ttl_s), the only layer not bounded by anything but time.
+    buf = make(seen_cap=4, buffer_cap=100, retain_s=0)
+    assert all(buf.add_many([sample(i) for i in range(10)]))
+    seen = buf.prefix + ":seen"
+    assert client.hlen(seen) == 4 and client.zcard(seen + ":order") == 4
+    assert sorted(client.hkeys(seen)) == [f"id{i:05d}".encode() for i in range(6, 10)]
+    # A remembered id is still a no-op; a forgotten one whose payload is still buffered too.
+    assert buf.add(sample(9)) is False and buf.add(sample(0)) is False
+    # Forgotten and gone (used up): buffered again, as the setting's description says.
+    used = make(seen_cap=1, reuse_cap=1, retain_s=0, partition=1)
+    used.add(sample(1))
+    used.draw({"a": 1})
+    used.add(sample(2))
+    assert used.add(sample(1)) is True
+    # No bound: every id stays (until seen_ttl_s), and no order is kept.
+    free = make(seen_cap=None, partition=2)
+    assert all(free.add_many([sample(i) for i in range(10)]))
+    assert client.hlen(free.prefix + ":seen") == 10
+    assert not client.exists(free.prefix + ":seen:order")
+
+
 def test_class_buffer_is_bounded_and_counts_evictions(make: Any, client: redis.Redis) -> None:
     buf = make(buffer_cap=5, retain_s=0)
     results = buf.add_many([sample(i, "a") for i in range(12)] + [sample(100, "b")])
