@@ -450,9 +450,10 @@ def measure_sharded(settings: Any, client: Any, vectors: np.ndarray, fit_on: np.
     """Fill one index (one set, or ``shards`` shards probing ``probe``) through the
     product's ``admit``; then planted copies, pairs within the threshold, and the
     aggregate rate of ``workers`` threads on a second fresh index."""
+    from agents.centroid_store import CentroidStore
     from agents.config import DedupSettings
     from agents.keys import shard_prefix
-    from agents.sharded_index import CentroidStore, build_vector_index
+    from agents.sharded_index import build_vector_index
     from agents.shards import kmeans
     from streams.connections import redis_client
 

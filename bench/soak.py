@@ -8,7 +8,7 @@ worker's ``dedup.horizon``, which bounds every dedup layer).
 A private embedded Kafka + Redis (the project's stack code, Redis append-only as
 ``sluice up`` runs it), four partitions, one worker (agents ingest, dedup, balance) and the
 product's own producer. The events are real functions of the standard library (then of
-site-packages, for long runs) with planted copies (``bench.churn.make_stream``), drawn from
+site-packages, for long runs) with planted copies (``bench.live.corpus.make_stream``), drawn from
 one pool shuffled once, so the capacity burst and every minute of the soak get the same
 kind of events.
 
@@ -27,7 +27,7 @@ kind of events.
    admissions / lost. With a horizon, samples that aged out of the vector set are counted
    as such, not as missing from it.
 
-``reuse_cap`` is 1 and the policy ``natural`` (``bench.churn.isolated``), so a sample in
+``reuse_cap`` is 1 and the policy ``natural`` (``bench.live.processes.isolated``), so a sample in
 two batches is a fault. Bounded in time: start-up, the capacity burst (at most 10
 minutes), the minutes, then at most ``--drain-s`` for the backlog. Every process it starts
 is stopped.
@@ -43,24 +43,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.churn import (
-    Ledger,
-    SteadyProducer,
-    Worker,
-    account,
-    crew,
-    drain,
-    index_members,
-    isolated,
-    make_stream,
-    real_functions,
-    report,
-    wait_buffered,
-    wait_for_group,
-    where_stuck,
-    workdir,
-)
 from bench.common import console, private_stack, show, write_result
+from bench.live.accounting import account
+from bench.live.corpus import make_stream, real_functions
+from bench.live.ledger import Ledger, drain, index_members, wait_buffered, where_stuck
+from bench.live.processes import SteadyProducer, Worker, crew, isolated, wait_for_group, workdir
+from bench.live.report import report
 
 MIB = 2**20
 MAX_RATE = 20.0  # events/s the corpus is sized for (one CPU worker decides ~5-10)
@@ -109,17 +97,20 @@ def redis_memory(settings: Any) -> dict[str, int]:
 
 
 def index_sizes(settings: Any) -> dict[str, int]:
-    """Items in the vector set and in the two fuzzy indexes, and Redis' key count."""
-    from agents.keys import code_lsh_prefix, lsh_prefix, vset_key
+    """Items in the vector set and in the two fuzzy indexes, the ids the balance buffers
+    remember for idempotency (every partition's ``seen``), and Redis' key count."""
+    from agents.keys import buffer_prefix, code_lsh_prefix, lsh_prefix, vset_key
     from streams.connections import redis_client
 
     ns = settings.redis.namespace
     client = redis_client(settings.redis)
     try:
+        seen = sum(int(client.hlen(f"{buffer_prefix(ns, p)}:seen"))
+                   for p in range(settings.topics.partitions))
         return {"vset": int(client.execute_command("VCARD", vset_key(ns)) or 0),
                 "fuzzy": int(client.hlen(f"{lsh_prefix(ns)}:sig")),
                 "fuzzy_code": int(client.hlen(f"{code_lsh_prefix(ns)}:sig")),
-                "keys": int(client.dbsize())}
+                "seen": seen, "keys": int(client.dbsize())}
     finally:
         client.close()
 
@@ -215,14 +206,15 @@ def sample(minute: float, settings: Any, stack: Any, worker: Worker, producer: S
 
 
 COLUMNS = ["min", "produced", "decided", "backlog", "worker RSS MiB", "Kafka RSS MiB",
-           "Redis RSS MiB", "Redis used MiB", "Redis keys", "vector set", "fuzzy words/code"]
+           "Redis RSS MiB", "Redis used MiB", "Redis keys", "vector set", "fuzzy words/code",
+           "seen ids"]
 
 
 def _row(r: dict[str, Any]) -> list[Any]:
     return [r["minute"], r["produced"], r["decided"], r["backlog"],
             f"{r['worker_rss'] / MIB:.0f}", f"{r['kafka_rss'] / MIB:.0f}",
             f"{r['redis_rss'] / MIB:.1f}", f"{r['redis_used'] / MIB:.1f}", r["keys"],
-            r["vset"], f"{r['fuzzy']}/{r['fuzzy_code']}"]
+            r["vset"], f"{r['fuzzy']}/{r['fuzzy_code']}", r.get("seen", "")]
 
 
 def summary(rows: list[dict[str, Any]], warmup_minute: int) -> list[dict[str, Any]]:
@@ -244,9 +236,11 @@ def summary(rows: list[dict[str, Any]], warmup_minute: int) -> list[dict[str, An
 
 
 def run(minutes: int, load: float, burst: int, drain_s: float, quick: bool,
-        keep: Path | None = None, horizon: dict[str, float] | None = None) -> dict[str, Any]:
+        keep: Path | None = None, horizon: dict[str, float] | None = None,
+        seen_cap: int | None = None) -> dict[str, Any]:
     """Capacity, then the soak at ``load`` × capacity, then the accounting. ``horizon``:
-    the worker's ``dedup.horizon`` fields (``items``, ``age_s``, ``evict_per_call``)."""
+    the worker's ``dedup.horizon`` fields (``items``, ``age_s``, ``evict_per_call``);
+    ``seen_cap``: its ``balance.seen_cap`` (None: the setting's default)."""
     from agents.config import HorizonSettings
     from sluice.stack import Stack
 
@@ -256,7 +250,10 @@ def run(minutes: int, load: float, burst: int, drain_s: float, quick: bool,
             private_stack(Path(tmp) / "stack") as base, crew(base, Path(tmp)) as workers:
         stack = Stack(base)
         # A validated section, not a dict: ``isolated`` copies it in without validating.
-        sections = {"dedup": {"horizon": HorizonSettings(**horizon)}} if horizon else {}
+        sections: dict[str, dict[str, Any]] = (
+            {"dedup": {"horizon": HorizonSettings(**horizon)}} if horizon else {})
+        if seen_cap is not None:
+            sections["balance"] = {"seen_cap": seen_cap}
         settings = isolated(base, partitions=4, **sections)
         worker = Worker("worker0", settings, Path(tmp)).start()
         workers.append(worker)
@@ -334,7 +331,8 @@ def run(minutes: int, load: float, burst: int, drain_s: float, quick: bool,
     payload = {"minutes": minutes, "load": load, "capacity_events_per_s": capacity,
                "capacity_burst": {"events": burst_n, "seconds": burst_s}, "rate": rate,
                "rows": rows, "memory": flat, "drain_s": drained_s, "figures": figures,
-               "horizon": horizon or {}, "layers": layers, "failures": problems}
+               "horizon": horizon or {}, "seen_cap": settings.balance.seen_cap,
+               "layers": layers, "failures": problems}
     write_result("soak", quick, payload)
     return payload
 
@@ -358,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
                              "expire) after this many seconds (default 0: never)")
     parser.add_argument("--horizon-evict", type=int, default=None,
                         help="dedup.horizon.evict_per_call (default: the setting's default)")
+    parser.add_argument("--seen-cap", type=int, default=None,
+                        help="balance.seen_cap: ids each samples partition remembers for "
+                             "idempotency (default: the setting's default)")
     args = parser.parse_args(argv)
     horizon: dict[str, float] = {}
     if args.horizon_items or args.horizon_age_s:
@@ -368,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     minutes = args.minutes or (3 if args.quick else 30)
     burst = args.burst or (100 if args.quick else 300)
-    result = run(minutes, args.load, burst, args.drain_s, args.quick, args.keep, horizon)
+    result = run(minutes, args.load, burst, args.drain_s, args.quick, args.keep, horizon,
+                 args.seen_cap)
     return 1 if result["failures"] else 0
 
 

@@ -5,7 +5,7 @@
   embedder (``dedup.model``, ``dedup.backend``); with ``--from-index``, a sample of the
   FP32 vectors already admitted in the namespace instead. Spherical k-means
   (``agents.shards.kmeans``) makes N unit centroids, written as a new version
-  (``agents.sharded_index.CentroidStore``). When the namespace holds nothing yet, the new
+  (``agents.centroid_store.CentroidStore``). When the namespace holds nothing yet, the new
   version is used at once; otherwise it waits for ``migrate``.
 - ``migrate``: moves every admitted item (its FP32 vector is stored) from the index in use
   (one set, or the shards of the current version) into the newest version's shards,
@@ -40,11 +40,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from agents.centroid_store import CentroidStore
 from agents.config import DedupSettings
 from agents.index import VectorIndex, vector_of
 from agents.pipeline import load_embedder
 from agents.planting import gather
-from agents.sharded_index import CentroidStore, ShardedIndex
+from agents.sharded_index import ShardedIndex
 from agents.shards import Centroids, ShardsError, kmeans, route
 from sluice.settings import Settings
 from streams.connections import redis_client

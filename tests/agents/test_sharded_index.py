@@ -18,12 +18,13 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 
+from agents.centroid_store import CentroidStore
 from agents.config import DedupSettings
 from agents.filter_agents import admission_index
 from agents.index import Admission, VectorIndex
 from agents.keys import shard_prefix
 from agents.pipeline import build_pipeline
-from agents.sharded_index import CentroidStore, ShardedIndex, build_vector_index
+from agents.sharded_index import ShardedIndex, build_vector_index
 from agents.shards import Centroids, ShardsError, kmeans, route
 from sluice.settings import Settings
 from streams.connections import redis_client
