@@ -49,7 +49,7 @@ end
 """
 
 # KEYS: seen, class list, classes, evictions, outbox index, supply, seen order (zset),
-#       seen arrival counter
+#       seen arrival counter, evictions of samples never used
 # ARGV: id, label, buffer_cap, seen_ttl, retain, sample-key prefix, mark, reuse_cap,
 #       seen_cap, field, value, ...
 # Returns {1 if new else 0, the mark the id was first added with ('' if none), unsent}.
@@ -82,7 +82,7 @@ redis.call('RPUSH', KEYS[2], id)
 redis.call('SADD', KEYS[3], label)
 redis.call('HINCRBY', KEYS[6], 'u:' .. label, reuse)
 redis.call('HINCRBY', KEYS[6], 'f:' .. label, 1)
-local evicted = 0
+local evicted, unused = 0, 0
 while redis.call('LLEN', KEYS[2]) > cap do
   local old = prefix .. redis.call('LPOP', KEYS[2])
   local used = redis.call('HGET', old, 'uses')
@@ -96,12 +96,14 @@ while redis.call('LLEN', KEYS[2]) > cap do
   -- Only a sample that went into a batch can come back as a hard example.
   if used == '0' then
     redis.call('DEL', old)
+    unused = unused + 1
   else
     release(old, retain)
   end
   evicted = evicted + 1
 end
 if evicted > 0 then redis.call('HINCRBY', KEYS[4], label, evicted) end
+if unused > 0 then redis.call('HINCRBY', KEYS[9], label, unused) end
 return {1, mark, unsent}
 """
 

@@ -20,6 +20,7 @@ tag: one partition's keys share a slot, which its scripts need):
 | ``…:seen:order``       | zset   | the same ids by arrival, to forget the oldest beyond       |
 |                        |        | ``seen_cap`` (``…:seen:seq`` counts the arrivals)          |
 | ``…:evictions``        | hash   | label → samples evicted because the class was full          |
+| ``…:evictions:unused`` | hash   | label → of those, evicted before any batch used them        |
 | ``…:supply``           | hash   | ``u:<label>`` → uses left in the class's queued samples,    |
 |                        |        | ``f:<label>`` → its queued samples never drawn (``supply``) |
 | ``…:replay``           | zset   | hard examples to replay, by arrival                         |
@@ -169,7 +170,8 @@ class ClassBuffers:
                 fields += [name, bytes(value) if name == "embedding" else str(value)]
             keys = [self._key("seen"), self.queue_key(label), self._key("classes"),
                     self._key("evictions"), self._key("outbox"), self._key("supply"),
-                    self._key("seen", "order"), self._key("seen", "seq")]
+                    self._key("seen", "order"), self._key("seen", "seq"),
+                    self._key("evictions", "unused")]
             mark = "1" if offset is None else f"@{int(offset)}"
             # Keyed by its name in the stores: a later version of an id is a new sample.
             args = [store_id(sample), label, self.buffer_cap, self.seen_ttl_s,
@@ -352,10 +354,13 @@ class ClassBuffers:
         return {_text(flat[i]): Supply(int(flat[i + 1]), int(flat[i + 2]), int(flat[i + 3]))
                 for i in range(0, len(flat), 4)}
 
-    def evictions(self) -> dict[str, int]:
-        """Samples evicted per class since the buffers began."""
+    def evictions(self, unused: bool = False) -> dict[str, int]:
+        """Samples evicted per class since the buffers began; with ``unused``, only those
+        evicted before any batch used them (data the stream offered and training never
+        saw: the pool overflowed)."""
+        key = self._key("evictions", "unused") if unused else self._key("evictions")
         with _redis_errors("evictions"):
-            raw = self.redis.hgetall(self._key("evictions"))
+            raw = self.redis.hgetall(key)
         return {_text(k): int(v) for k, v in sorted(raw.items())}
 
     def replay_size(self) -> int:

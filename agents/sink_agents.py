@@ -41,6 +41,7 @@ from streams.metrics import (
     class_weight,
     dropped,
     evicted,
+    evicted_unused,
     rejected,
     share_ema,
     share_target,
@@ -99,7 +100,8 @@ def declare_balance(app: faust.App, topics: Topics, config: Curation, client: re
                                                  value=batch))
                 pacer.sent()
                 await run(step.confirm, batch)
-                fill = await run(lambda b: (b.sizes(), b.evictions()), step.buffers)
+                fill = await run(lambda b: (b.sizes(), b.evictions(),
+                                            b.evictions(unused=True)), step.buffers)
                 _batch_metrics(metrics, batch, *fill)
         finally:
             # A batch whose send failed stays recorded: the next run re-sends it.
@@ -232,7 +234,7 @@ def _step_counters(metrics: StageMetrics, steps: Iterable[Step]) -> None:
 
 
 def _batch_metrics(metrics: StageMetrics, batch: CuratedBatch, sizes: dict[str, int],
-                   evictions: dict[str, int]) -> None:
+                   evictions: dict[str, int], unused: dict[str, int]) -> None:
     metrics.counters[OUT] += len(batch["samples"])
     metrics.counters[BATCHES] += 1
     for sample in batch["samples"]:
@@ -251,6 +253,8 @@ def _batch_metrics(metrics: StageMetrics, batch: CuratedBatch, sizes: dict[str, 
         metrics.gauges[buffer_fill(label)] = float(size)
     for label, n in evictions.items():
         metrics.counters[evicted(label)] = int(n)
+    for label, n in unused.items():
+        metrics.counters[evicted_unused(label)] = int(n)
 
 
 def declare_feedback(app: faust.App, topics: Topics, config: Curation, client: redis.Redis,

@@ -91,6 +91,7 @@ latency_ms = Names("latency_ms.p")    # event time → processed, by percentile:
 step_seconds = Names("seconds.")      # seconds spent in each step so far (a running total)
 # The balance stage: counter evicted, gauges share_ema … buffer_fill; difficulty also feedback
 evicted = Names("evicted.")           # samples evicted from a full class buffer
+evicted_unused = Names("unused_evicted.")  # of those, never in a batch (the pool overflowed)
 share_ema = Names("share.ema.")       # EMA share of the stream per class
 share_target = Names("share.target.")  # the policy's target share per class
 class_weight = Names("weight.")       # importance weight per class
@@ -356,6 +357,9 @@ STAGE_EXPOSITION = Exposition(
                  (("direction", "out"),), counter=True),
         Exported(evicted, "sluice_buffer_evictions_total",
                  "Samples evicted from a full class buffer.", "label", counter=True),
+        Exported(evicted_unused, "sluice_buffer_evictions_unused_total",
+                 "Samples evicted from a full class buffer before any batch used them "
+                 "(the stream outran training).", "label", counter=True),
         Exported(step_seconds, "sluice_step_seconds_total", "Seconds spent per step.", "step",
                  counter=True),
         Exported(latency_ms, "sluice_latency_ms", "Event time to processed, percentiles.",

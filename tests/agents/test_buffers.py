@@ -117,6 +117,7 @@ def test_class_buffer_is_bounded_and_counts_evictions(make: Any, client: redis.R
     assert all(results)
     assert buf.sizes() == {"a": 5, "b": 1}
     assert buf.evictions() == {"a": 7}
+    assert buf.evictions(unused=True) == {"a": 7}  # none of them was ever in a batch
     # The oldest went; their payloads with them.
     assert [s["id"] for s in buf.draw({"a": 5})] == [f"id{i:05d}" for i in range(7, 12)]
     assert not client.exists(buf.sample_key("id00000"))
@@ -132,6 +133,7 @@ def test_evicted_payload_is_retained_only_after_a_use(make: Any, client: redis.R
     buf.add(sample(3))  # evicts id00002, never used: gone at once
     assert not client.exists(buf.sample_key("id00002"))
     assert buf.evictions() == {"a": 2}
+    assert buf.evictions(unused=True) == {"a": 1}  # by reason: id00002 never reached a batch
 
 
 def test_draw_is_in_order_and_reuse_is_capped(make: Any, client: redis.Redis) -> None:
