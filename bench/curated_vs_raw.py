@@ -79,6 +79,7 @@ import numpy as np
 
 from bench.common import console, embed_cached, quick_flag, write_result
 from bench.curation.arms import curate, paced_batches, raw_batches
+from bench.curation.closed_loop import fed_back_batches
 from bench.curation.corpus import (
     HOLDOUT,
     QUICK_SCALE,
@@ -87,19 +88,34 @@ from bench.curation.corpus import (
     split_holdout,
     write_eval_jsonl,
 )
-from bench.curation.report import arm_stats, shares, show_quarters, show_regime, summarize
-from bench.curation.training import arm_settings, eval_every, produce, train_arm
+from bench.curation.report import (
+    arm_stats,
+    shares,
+    show_lm,
+    show_quarters,
+    show_regime,
+    summarize,
+    summarize_lm,
+)
+from bench.curation.training import arm_settings, eval_every, produce, run_figures, train_arm
 
 BATCH = 8
 #: regime → (samples offered per sample consumed): 3 offered per consumed, or 1 per 2.
 REGIMES = {"compute-limited": 3.0, "data-limited": 0.5}
-#: arm → (balance policy, or None for the raw stream; trainer.loss_weights).
-ARMS: dict[str, tuple[str | None, bool]] = {
-    "raw": (None, False),
-    "dedup+quality": ("natural", False),
-    "+inverse": ("inverse", False),
-    "+inverse +weights": ("inverse", True),
+#: arm → (balance policy, or None for the raw stream; trainer.loss_weights; replay policy,
+#: or None for batches composed without feedback).
+ARMS: dict[str, tuple[str | None, bool, str | None]] = {
+    "raw": (None, False, None),
+    "dedup+quality": ("natural", False, None),
+    "+inverse": ("inverse", False, None),
+    "+inverse +weights": ("inverse", True, None),
+    "+inverse +hard_k": ("inverse", False, "hard_k"),
+    "+inverse +reducible": ("inverse", False, "reducible"),
 }
+#: The arms the byte-LM trains on (compute-limited regime; the same batches as the
+#: classifier's arms of that name), evaluated on the held-out code.
+LM_ARMS = ("raw", "dedup+quality", "+inverse")
+LM_REGIME = "compute-limited"
 METHOD = (__doc__.split("in the JSON):", 1)[1].split("Run:", 1)[0].strip("\n")
           if __doc__ else "")
 
@@ -113,9 +129,10 @@ def regime_steps(offered: int, ratio: float) -> int:
 
 def replicate(base: Any, folder: Path, seed: int, records: list[dict[str, Any]],
               vectors: np.ndarray, digests: list[str], train: list[int], heldout: list[int],
-              eval_file: Path, eval_samples: list[Any]) -> dict[str, Any]:
+              eval_file: Path, eval_samples: list[Any], lm_eval_file: Path,
+              lm_eval_samples: list[Any]) -> dict[str, Any]:
     """One stream order (``seed``): curate it once, then for each regime build every arm's
-    batches, train, evaluate."""
+    batches, train, evaluate (and the byte-LM on ``LM_ARMS`` of ``LM_REGIME``)."""
     stream = list(train)
     random.Random(seed).shuffle(stream)
     cache = {r["content"]: vectors[i] for i, r in enumerate(records)}
@@ -127,22 +144,40 @@ def replicate(base: Any, folder: Path, seed: int, records: list[dict[str, Any]],
         batches: dict[str | None, list[dict[str, Any]]] = {
             None: raw_batches(records, vectors, stream, digests, steps, BATCH)}
         composition: dict[str, Any] = {}
-        for name in dict.fromkeys(p for p, _ in ARMS.values() if p is not None):
+        for name in dict.fromkeys(p for p, _, r in ARMS.values() if p and r is None):
             batches[name], composition[name] = paced_batches(base, kept, name, steps, BATCH)
         arms: dict[str, Any] = {}
-        for arm, (policy, weighted) in ARMS.items():
+        for arm, (policy, weighted, replay) in ARMS.items():
             tag = f"{regime}-{arm.replace('+', 'p').replace(' ', '')}-{seed}"
-            settings = arm_settings(base, f"bench-{tag}-batches", steps,
-                                    folder / f"ckpt-{tag}", seed, eval_file, weighted)
-            produce(settings, batches[policy], steps)
-            run = train_arm(settings, eval_samples)
-            arms[arm] = {**arm_stats(batches[policy], steps, vectors[heldout], vec_of,
+            settings = arm_settings(base, tag, steps, folder / f"ckpt-{tag}", seed,
+                                    eval_file, weighted)
+            if replay is None:
+                arm_batches = batches[policy]
+                produce(settings, arm_batches, steps)
+                run = train_arm(settings, eval_samples)
+            else:
+                arm_batches, composition[arm], result = fed_back_batches(
+                    settings, kept, str(policy), replay, steps, BATCH)
+                run = run_figures(settings, result, eval_samples)
+            arms[arm] = {**arm_stats(arm_batches, steps, vectors[heldout], vec_of,
                                      base.dedup.threshold), "run": run}
             final = run["curve"][-1]
             console.print(f"seed {seed} {regime} {arm}: macro-F1 {final['macro_f1']:.3f} "
                           f"worst {final['worst_class_f1']:.3f} accuracy "
                           f"{final['accuracy']:.3f} ({arms[arm]['unique_ids']} distinct, "
                           f"{run['wall_s']}s)")
+        if regime == LM_REGIME:
+            out["byte_lm"] = {}
+            for arm in LM_ARMS:
+                policy = ARMS[arm][0]
+                tag = f"lm-{arm.replace('+', 'p').replace(' ', '')}-{seed}"
+                settings = arm_settings(base, tag, steps, folder / f"ckpt-{tag}", seed,
+                                        lm_eval_file, False, model="byte-lm")
+                produce(settings, batches[policy], steps)
+                out["byte_lm"][arm] = run = train_arm(settings, lm_eval_samples)
+                console.print(f"seed {seed} {regime} byte-lm {arm}: held-out code "
+                              f"{run['curve'][-1]['bits_per_byte']:.3f} bits/byte "
+                              f"({run['wall_s']}s)")
         out["regimes"][regime] = {"steps": steps, "consumed": steps * BATCH,
                                   "offered": len(stream), "composition": composition,
                                   "arms": arms}
@@ -180,6 +215,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         eval_file = folder / "heldout.jsonl"
         write_eval_jsonl(eval_file, records, vectors, heldout)
         eval_samples = load_eval_jsonl(eval_file)
+        lm_eval_file = folder / "heldout-code.jsonl"
+        write_eval_jsonl(lm_eval_file, records, vectors,
+                         [i for i in heldout if records[i]["kind"] == "CODE"])
+        lm_eval_samples = load_eval_jsonl(lm_eval_file)
+        if not lm_eval_samples:
+            raise RuntimeError("no code among the held-out texts: the byte-LM has nothing "
+                               "to be evaluated on")
         base = load_settings(state_dir=str(folder / "state"), stack={
             "kafka_port": free_port(), "controller_port": free_port(),
             "redis_port": free_port()}, dedup={"device": "cpu"})
@@ -187,7 +229,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         stack.up()
         try:
             reps = [replicate(base, folder, seed, records, vectors, digests, train, heldout,
-                              eval_file, eval_samples) for seed in seeds]
+                              eval_file, eval_samples, lm_eval_file, lm_eval_samples)
+                    for seed in seeds]
         finally:
             stack.down()
 
@@ -220,13 +263,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         show_quarters(f"{regime}: samples of each class per quarter of the {steps} steps "
                       f"(stream order {seeds[0]})", reps[0]["regimes"][regime]["arms"],
                       train_counts)
+    lm_summary = summarize_lm([r["byte_lm"] for r in reps])
+    show_lm(f"byte-lm, {LM_REGIME}: held-out code ({len(lm_eval_samples)} texts), bits per "
+            f"byte after {reps[0]['regimes'][LM_REGIME]['steps']} steps × {BATCH} "
+            f"(mean ± sd over {len(seeds)} orders)", lm_summary, len(seeds))
     payload = {
         "method": METHOD, "batch_size": BATCH, "regimes": {
             regime: {"offered_per_consumed": ratio,
                      "steps": reps[0]["regimes"][regime]["steps"],
                      "eval_every": eval_every(reps[0]["regimes"][regime]["steps"])}
             for regime, ratio in REGIMES.items()},
-        "arms": {arm: {"policy": p, "loss_weights": w} for arm, (p, w) in ARMS.items()},
+        "arms": {arm: {"policy": p, "loss_weights": w, "replay_policy": r}
+                 for arm, (p, w, r) in ARMS.items()},
+        "byte_lm": {"regime": LM_REGIME, "arms": list(LM_ARMS),
+                    "heldout_code": len(lm_eval_samples), "summary": lm_summary},
         "seeds": seeds, "text_chars": TEXT_CHARS, "holdout_fraction": HOLDOUT,
         "corpus": {"records": len(records), "distinct_texts": len(set(digests)),
                    "train": len(train), "heldout": len(heldout),

@@ -180,3 +180,29 @@ def show_regime(title: str, summary: dict[str, dict[str, Any]], steps: int, n: i
                              for a in arms)])
     show(f"{title}: held-out F1 per class (raw) and Δ points vs raw, mean over orders",
          ["class", "train n", "held-out n", "raw F1", *arms], class_rows)
+
+
+def summarize_lm(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The byte-LM's final held-out bits per byte per arm over the stream orders (``runs``:
+    one dict arm → run per order), and the paired difference to raw (negative: better)."""
+    summary: dict[str, dict[str, Any]] = {}
+    raw = [r["raw"]["curve"][-1]["bits_per_byte"] for r in runs]
+    for arm in runs[0]:
+        finals = [r[arm]["curve"][-1]["bits_per_byte"] for r in runs]
+        entry: dict[str, Any] = {}
+        entry["bits_per_byte_mean"], entry["bits_per_byte_sd"] = mean_sd(finals)
+        if arm != "raw":
+            diffs = [f - b for f, b in zip(finals, raw, strict=True)]
+            entry["minus_raw_mean"], entry["minus_raw_sd"] = mean_sd(diffs)
+            entry["better_than_raw"] = sum(d < 0 for d in diffs)
+        summary[arm] = entry
+    return summary
+
+
+def show_lm(title: str, summary: dict[str, dict[str, Any]], n: int) -> None:
+    """The byte-LM table: held-out bits per byte per arm, and the paired change vs raw."""
+    rows = [[arm, _pm(e["bits_per_byte_mean"], e["bits_per_byte_sd"]),
+             "" if arm == "raw" else f"{e['minus_raw_mean']:+.3f}±{e['minus_raw_sd']:.3f} "
+                                     f"({e['better_than_raw']}/{n} below raw)"]
+            for arm, e in summary.items()]
+    show(title, ["arm", "bits per byte", "Δ vs raw (orders below raw)"], rows)

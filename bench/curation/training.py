@@ -43,15 +43,17 @@ def eval_every(steps: int) -> int:
     return max(1, math.ceil(steps / EVAL_POINTS))
 
 
-def arm_settings(base: Any, topic: str, steps: int, folder: Path, seed: int, eval_file: Path,
-                 loss_weights: bool) -> Any:
-    """The base settings with the arm's own batches topic, the run's trainer settings
-    (same for every arm but ``loss_weights``) and a quiet metrics endpoint."""
+def arm_settings(base: Any, tag: str, steps: int, folder: Path, seed: int, eval_file: Path,
+                 loss_weights: bool, model: str = "embedding-classifier") -> Any:
+    """The base settings with the arm's own batches and feedback topics (``bench-<tag>-…``),
+    the run's trainer settings (same for every arm but ``loss_weights`` and the model) and
+    a quiet metrics endpoint."""
     every = eval_every(steps)
     return base.model_copy(update={
-        "topics": base.topics.model_copy(update={"batches": topic}),
+        "topics": base.topics.model_copy(update={"batches": f"bench-{tag}-batches",
+                                                 "feedback": f"bench-{tag}-feedback"}),
         "trainer": base.trainer.model_copy(update={
-            "model": "embedding-classifier", "max_steps": steps, "checkpoint_dir": folder,
+            "model": model, "max_steps": steps, "checkpoint_dir": folder,
             "start": "earliest", "device": "cpu", "eval_file": eval_file,
             "idle_timeout_s": 30.0, "seed": seed, "loss_weights": loss_weights,
             # Warm-up scaled to the run (the default 20 steps is most of a short run).
@@ -65,11 +67,17 @@ def train_arm(settings: Any, eval_samples: list[Any]) -> dict[str, Any]:
     """One training run on the arm's topic: the run's figures and its evaluation curve."""
     from trainer.loop import train
 
-    result = train(settings)
+    return run_figures(settings, train(settings), eval_samples)
+
+
+def run_figures(settings: Any, result: Any, eval_samples: list[Any]) -> dict[str, Any]:
+    """A finished run's figures (``trainer.loop.TrainResult``) and the evaluation curve of
+    its checkpoints; the last point must equal the trainer's own final evaluation."""
     curve = evaluate_checkpoints(settings.trainer, eval_samples)
     final = curve[-1] if curve else {}
-    if final and abs(final["macro_f1"] - result.eval.get("macro_f1", math.nan)) > 1e-6:
-        raise RuntimeError(f"the last checkpoint's macro-F1 {final['macro_f1']} is not the "
+    key = "macro_f1" if "macro_f1" in final else "loss"
+    if final and abs(final[key] - result.eval.get(key, math.nan)) > 1e-6:
+        raise RuntimeError(f"the last checkpoint's {key} {final[key]} is not the "
                            f"trainer's own final evaluation {result.eval}")
     return {"steps": result.step, "stopped": result.stopped, "samples": result.samples,
             "loss": result.loss, "wall_s": round(result.wall_s, 2),
@@ -79,7 +87,8 @@ def train_arm(settings: Any, eval_samples: list[Any]) -> dict[str, Any]:
 def evaluate_checkpoints(cfg: Any, samples: list[Any]) -> list[dict[str, Any]]:
     """Each checkpoint of the run, oldest first, rebuilt as the trainer rebuilds it and
     evaluated on ``samples``: the trainer's ``evaluate`` (macro-F1, accuracy, loss) and,
-    from the model's predictions, the F1 of every held-out class."""
+    from the model's predictions, the F1 of every held-out class; for a language model its
+    loss (nats per byte for ``byte-lm``) and ``bits_per_byte``."""
     import torch
 
     from trainer.checkpoint import CheckpointStore
@@ -88,11 +97,16 @@ def evaluate_checkpoints(cfg: Any, samples: list[Any]) -> list[dict[str, Any]]:
 
     store = CheckpointStore(cfg.checkpoint_dir)
     device = torch.device("cpu")
-    curve = []
+    curve: list[dict[str, Any]] = []
     for path in store.checkpoints():
         ckpt = store.load(path)
         plugin, _ = build_model(ckpt, cfg)
         figures = evaluate(plugin, samples, device, nullcontext())
+        if plugin.task != "classify":
+            curve.append({"step": ckpt.step, "loss": figures["loss"],
+                          "bits_per_byte": figures["loss"] / math.log(2),
+                          "accuracy": figures["accuracy"]})
+            continue
         true, pred = predictions(plugin, samples, device)
         if abs(macro_f1(true, pred) - figures["macro_f1"]) > 1e-9:
             raise RuntimeError("predictions differ from the trainer's evaluation")
