@@ -43,10 +43,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bench.common import console, private_stack, show, write_result
 from bench.live.accounting import account
 from bench.live.corpus import make_stream, real_functions
-from bench.live.ledger import Ledger, drain, index_members, wait_buffered, where_stuck
+from bench.live.ledger import (
+    Ledger,
+    buffered,
+    drain,
+    index_members,
+    wait_buffered,
+    where_stuck,
+)
 from bench.live.processes import SteadyProducer, Worker, crew, isolated, wait_for_group, workdir
 from bench.live.report import report
 
@@ -218,18 +227,28 @@ def _row(r: dict[str, Any]) -> list[Any]:
 
 
 def summary(rows: list[dict[str, Any]], warmup_minute: int) -> list[dict[str, Any]]:
-    """Per process: memory at the end of the warm-up against the end; flat or not."""
+    """Per process: memory at the end of the warm-up against the end; flat or not (the
+    verdict). Beside it, ``trend``: the least-squares line through every minute after the
+    warm-up, its change over that span relative to its start — a noisy series (the
+    worker's RSS swings by 10 % from minute to minute) shows there as what it is."""
     warm = next((r for r in rows if r["minute"] >= warmup_minute), rows[0])
     end = rows[-1]
+    after = [r for r in rows if r["minute"] >= warm["minute"]]
     out = []
     for key, what in (("worker_rss", "worker RSS"), ("kafka_rss", "Kafka RSS"),
                       ("redis_rss", "Redis RSS"), ("redis_used", "Redis used_memory")):
         change = (end[key] - warm[key]) / warm[key] if warm[key] else float("nan")
+        trend = float("nan")
+        if len(after) > 2:
+            minutes = np.array([r["minute"] for r in after], dtype=float)
+            slope, start = np.polyfit(minutes - minutes[0], [float(r[key]) for r in after], 1)
+            span = minutes[-1] - minutes[0]
+            trend = slope * span / start if start else float("nan")
         out.append({"what": what, "after_warmup_mib": warm[key] / MIB,
                     "end_mib": end[key] / MIB, "change": change,
-                    "flat": abs(change) <= FLAT})
+                    "flat": abs(change) <= FLAT, "trend": trend})
     grown = end["vset"] - warm["vset"]
-    if grown > 0:
+    if grown > 0.05 * max(1, warm["vset"]):  # a full index turning over is not growth
         out.append({"what": "Redis used_memory per new index member (bytes)",
                     "per_member": (end["redis_used"] - warm["redis_used"]) / grown})
     return out
@@ -273,6 +292,9 @@ def run(minutes: int, load: float, burst: int, drain_s: float, quick: bool,
                       f"{minutes} min ({len(stream.events)} events ready)")
         producer = SteadyProducer(settings, stream.events, rate)
         decided_before = len(ledger.decisions)
+        # Read every minute: a bounded ``seen`` forgets the oldest ids long before the end
+        # (2,000 a partition last ~9 minutes at 20 events/s), the accounting needs them all.
+        ever_buffered = buffered(settings)
         began = time.monotonic()
         producer.start()
         try:
@@ -284,6 +306,7 @@ def run(minutes: int, load: float, burst: int, drain_s: float, quick: bool,
                     ledger.poll(1000)
                 rows.append(sample(minute, settings, stack, worker, producer, ledger,
                                    decided_before))
+                ever_buffered |= buffered(settings)
                 console.print("  " + " | ".join(map(str, _row(rows[-1]))))
                 if not worker.alive:
                     console.print(f"[red]the worker exited ({worker.log})[/red]")
@@ -294,7 +317,7 @@ def run(minutes: int, load: float, burst: int, drain_s: float, quick: bool,
             console.print(f"[red]producer failed: {producer.error!r}[/red]")
         drained_s = drain(ledger, produced, drain_s)
         samples = {i for i, d in ledger.decisions.items() if ("kept", None, None) in d}
-        in_buffers = wait_buffered(settings, samples)
+        in_buffers = wait_buffered(settings, samples, earlier=ever_buffered)
         ledger.drain()
         # Accounted over every event this worker saw: warm-up, capacity burst and soak.
         everything = earlier + produced
@@ -316,9 +339,11 @@ def run(minutes: int, load: float, burst: int, drain_s: float, quick: bool,
         flat = summary(rows, warmup_minute)
         show(f"memory after the warm-up (minute {warmup_minute}) vs the end "
              f"(minute {rows[-1]['minute']}); goal: within {FLAT:.0%}",
-             ["process", "after warm-up MiB", "end MiB", "change", "flat"],
+             ["process", "after warm-up MiB", "end MiB", "change", "flat",
+              "trend (fit, same span)"],
              [[f["what"], f["after_warmup_mib"], f["end_mib"], f"{f['change']:+.1%}",
-               "yes" if f["flat"] else "NO"] for f in flat if "change" in f])
+               "yes" if f["flat"] else "NO", f"{f['trend']:+.1%}"]
+              for f in flat if "change" in f])
         for f in flat:
             if "per_member" in f:
                 console.print(f"{f['what']}: {f['per_member']:,.0f}")

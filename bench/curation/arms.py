@@ -98,7 +98,6 @@ def paced_batches(settings: Any, samples: list[Any], policy: str, steps: int,
     from agents.balance import Balance
     from agents.buffers import buffers_for
     from agents.feedback import LossStore
-    from agents.step import Coords, Item
     from streams.connections import redis_client
 
     config = settings.balance.model_copy(update={"policy": policy, "batch_size": batch_size,
@@ -111,11 +110,7 @@ def paced_batches(settings: Any, samples: list[Any], policy: str, steps: int,
     starved_at: int | None = None
     short_from: int | None = None
     try:
-        for start in range(0, len(samples), MICRO_BATCH):
-            items = [Item(s, Coords("bench-samples", 0, offset))
-                     for offset, s in enumerate(samples[start:start + MICRO_BATCH], start)]
-            if step.run(items):
-                raise RuntimeError("pace = trainer composed a batch on arrivals")
+        buffer_all(step, samples)
         pool = dict(buffers.sizes())
         while len(batches) < steps:
             asked = min(config.ahead_batches, steps - len(batches))
@@ -135,6 +130,18 @@ def paced_batches(settings: Any, samples: list[Any], policy: str, steps: int,
     return batches, {"policy": step.policy, "pool": pool, "composed": len(batches),
                      "starved_at": starved_at, "short_batches": step.counters["batches.short"],
                      "short_from": short_from, "reuse_cap": config.reuse_cap}
+
+
+def buffer_all(step: Any, samples: list[Any]) -> None:
+    """Hand every kept sample to a ``Balance`` step paced by the trainer, in micro-batches
+    as the agent takes them (arrivals compose nothing under that pace)."""
+    from agents.step import Coords, Item
+
+    for start in range(0, len(samples), MICRO_BATCH):
+        items = [Item(s, Coords("bench-samples", 0, offset))
+                 for offset, s in enumerate(samples[start:start + MICRO_BATCH], start)]
+        if step.run(items):
+            raise RuntimeError("pace = trainer composed a batch on arrivals")
 
 
 def cached_embedder(settings: Any, cache: dict[str, np.ndarray]) -> Any:

@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from bench.curation.arms import MICRO_BATCH
+from bench.curation.arms import buffer_all
 
 #: Seconds without a Feedback record (while batches are waiting) before the loop gives up.
 FEEDBACK_TIMEOUT_S = 120.0
@@ -53,11 +53,7 @@ def fed_back_batches(settings: Any, samples: list[Any], policy: str, replay_poli
     losses = LossStore(client, namespace)
     balance = Balance(config, buffers, losses)
     feedback = Feedback(config, losses, lambda _partition: buffers, partitions=1)
-    for start in range(0, len(samples), MICRO_BATCH):
-        items = [Item(s, Coords("bench-samples", 0, offset))
-                 for offset, s in enumerate(samples[start:start + MICRO_BATCH], start)]
-        if balance.run(items):
-            raise RuntimeError("pace = trainer composed a batch on arrivals")
+    buffer_all(balance, samples)
     pool = dict(buffers.sizes())
 
     ensure_topics(settings.kafka, settings.topics)

@@ -126,15 +126,18 @@ def drain(ledger: Ledger, produced: list[str], drain_s: float, idle_s: float = 1
 
 
 def wait_buffered(settings: Any, samples: set[str], timeout_s: float = 180.0,
-                  idle_s: float = 30.0) -> set[str]:
-    """What the balance stage buffered, once it holds every sample or stopped moving."""
+                  idle_s: float = 30.0, earlier: set[str] | None = None) -> set[str]:
+    """What the balance stage buffered, once it holds every sample or stopped moving.
+    ``earlier``: ids read from ``buffered`` during the run, which a bounded ``seen``
+    (``balance.seen_cap``) may have forgotten since."""
+    earlier = earlier or set()
     began = moved = time.monotonic()
-    have = buffered(settings)
+    have = buffered(settings) | earlier
     while not samples <= have and time.monotonic() - began < timeout_s:
         if time.monotonic() - moved > idle_s:
             break
         time.sleep(1.0)
-        now = buffered(settings)
+        now = buffered(settings) | earlier
         if now != have:
             have, moved = now, time.monotonic()
     return have
