@@ -233,6 +233,7 @@ def test_grafana_dashboard_queries_metrics_that_exist() -> None:
     for s in snapshots:  # the few names the history leaves out
         if s["component"] == "balance":
             s["counters"]["evicted.python"] = 3
+            s["counters"]["unused_evicted.python"] = 2
             s["gauges"].update({"weight.python": 1.5, "difficulty.python": 1.1,
                                 "share.ema.python": 0.5})
         if s["component"] in ("ingest", "dedup"):
