@@ -278,10 +278,11 @@ class BalanceSettings(Section):
     feedback_dedup_ttl_s: int = Field(7 * 24 * 3600, ge=1, description="how long a (batch "
                                       "id, step) pair is remembered")
     pace: Literal["arrivals", "trainer"] = Field(
-        "arrivals", description="when batches are composed: arrivals = one every batch_size "
-        "new samples; trainer = whenever fewer than ahead_batches batches are waiting for the "
-        "trainer's group (trainer_group's committed position on curated-batches), each from "
-        "the whole buffered pool, on arrivals and every pace_interval_s")
+        "trainer", description="when batches are composed: trainer = whenever fewer than "
+        "ahead_batches batches are waiting for the trainer's group (trainer_group's "
+        "committed position on curated-batches), each from the whole buffered pool, on "
+        "arrivals and every pace_interval_s; arrivals = one every batch_size new samples, "
+        "whether a trainer reads them or not")
     ahead_batches: int = Field(16, ge=1, description="pace = trainer: batches written and not "
                                "yet committed by the trainer, at most; keep it above "
                                "trainer.prefetch plus what the trainer trains between two "

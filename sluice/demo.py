@@ -121,6 +121,10 @@ def run_demo(settings: Settings, paths: list[Path], limit: int | None, idle_s: f
 
     # SIGTERM unwinds like Ctrl-C, so the worker and trainer are stopped with the demo.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if not train:
+        # No trainer sets the pace: batches every batch_size samples, so the demo shows some.
+        settings = settings.model_copy(update={
+            "balance": settings.balance.model_copy(update={"pace": "arrivals"})})
     if settings.embedded:
         with console.status("starting the embedded Kafka and Redis"):
             Stack(settings).up()

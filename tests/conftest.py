@@ -28,7 +28,9 @@ from streams.connections import redis_client
 
 
 def stack_settings(state_dir: str, **overrides: Any) -> Settings:
-    """Settings for an embedded stack on fresh free ports under ``state_dir``."""
+    """Settings for an embedded stack on fresh free ports under ``state_dir``. Batches are
+    paced by arrivals (most tests run no trainer); a test of trainer pacing says so."""
+    overrides.setdefault("balance", {"pace": "arrivals"})
     return load_settings(
         state_dir=state_dir,
         stack={"kafka_port": free_port(), "controller_port": free_port(),

@@ -35,7 +35,8 @@ def isolated(settings: Any, partitions: int, **sections: dict[str, Any]) -> Any:
         "topics": settings.topics.model_copy(update={**names, "partitions": partitions}),
         "redis": settings.redis.model_copy(update={"namespace": uid}),
         "balance": settings.balance.model_copy(update={"reuse_cap": 1, "batch_size": 16,
-                                                       "policy": "natural"}),
+                                                       "policy": "natural",
+                                                       "pace": "arrivals"}),
     }
     for name, values in sections.items():
         section = update.get(name) or getattr(settings, name)

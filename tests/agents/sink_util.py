@@ -203,7 +203,7 @@ def balance(partition: int = 3, losses: MemoryLosses | None = None,
             message_limit: int | None = None, **extra: Any) -> tuple[Balance, MemoryBuffers]:
     """A Balance step (batch size 4, natural, no replays) over fresh memory buffers."""
     settings = BalanceSettings(**{"batch_size": 4, "replay_fraction": 0.0, "policy": "natural",
-                                  "reuse_cap": 8, **extra})
+                                  "reuse_cap": 8, "pace": "arrivals", **extra})
     buffers = MemoryBuffers(partition, settings.reuse_cap)
     limit = {} if message_limit is None else {"message_limit": message_limit}
     return Balance(settings, buffers, losses or MemoryLosses(), **limit), buffers

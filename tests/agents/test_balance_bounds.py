@@ -108,7 +108,7 @@ def test_a_label_that_is_not_a_class_name_goes_to_the_overflow_class(label: str,
 def test_a_spray_of_labels_keeps_the_state_and_the_class_set_bounded() -> None:
     """1,000 distinct labels with max_labels = 16: 17 classes at most anywhere (the table's
     EMA state, the buffers, the per-class counters), whatever the stream sends."""
-    settings = BalanceSettings(batch_size=32, replay_fraction=0.0, max_labels=16)
+    settings = BalanceSettings(batch_size=32, replay_fraction=0.0, max_labels=16, pace="arrivals")
     shared: set[str] = set()
     steps = [Balance(settings, MemoryBuffers(p, settings.reuse_cap, shared),
                      MemoryLosses()) for p in (0, 1)]
