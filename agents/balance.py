@@ -6,7 +6,8 @@ When a batch is composed is ``pace``: ``arrivals``, every ``batch_size`` new sam
 (``process``); ``trainer``, whenever the agent finds the trainer fewer than
 ``ahead_batches`` behind (``paced``, called on arrivals and on a timer), each batch drawn
 from the whole buffered pool as soon as it holds a full batch. Compute-limited (the stream
-outruns training), the pool fills to ``buffer_cap`` per class and evicts the oldest;
+outruns training), the pool fills to ``buffer_cap`` per class and evicts the least useful
+(used samples first, then the oldest never used; a draw takes never-used ones newest first);
 data-limited (training outruns the stream), samples are drawn again up to ``reuse_cap``
 times and, when even that leaves less than a batch, ``starved`` says so.
 

@@ -21,35 +21,50 @@ end
 # keeps it exact; one that meets a queued id whose payload is gone (it cannot know that
 # sample's uses) sets ``x:<label>``, and ``SUPPLY`` counts that class again.
 
-# Shared: take up to ``want`` samples of one class list into ``out``, oldest first; a
-# drawn sample's use count goes up, below the cap it goes back to the tail, at the cap it
-# leaves. Each id present at the start is visited at most once (re-queued ids go behind).
+# Shared: take up to ``want`` samples of one class into ``out``, the most useful first:
+# samples no batch has used, newest first (the freshest data the model has not seen), then
+# used ones below the cap, least recently drawn first (reuse spreads round the class). A
+# drawn sample's use count goes up; below the cap it joins the tail of the used list, at
+# the cap it leaves. Each id present at the start is visited at most once.
 _DRAW_CLASS = _RELEASE + """
-local function draw_class(qkey, label, supply, want, excluded, cap, retain, prefix, out)
-  local budget = redis.call('LLEN', qkey)
-  local got = 0
+-- 1: drawn into out; 0: excluded (the caller puts it back); -1: its payload is gone.
+local function take(id, qused, label, supply, excluded, cap, retain, prefix, out)
+  if excluded[id] then return 0 end
+  local skey = prefix .. id
+  if redis.call('EXISTS', skey) == 0 then
+    redis.call('HSET', supply, 'x:' .. label, 1)
+    return -1
+  end
+  local uses = redis.call('HINCRBY', skey, 'uses', 1)
+  out[#out + 1] = redis.call('HGETALL', skey)
+  redis.call('HINCRBY', supply, 'u:' .. label, -1)
+  if uses == 1 then redis.call('HINCRBY', supply, 'f:' .. label, -1) end
+  if uses < cap then redis.call('RPUSH', qused, id) else release(skey, retain) end
+  return 1
+end
+local function draw_class(qkey, qused, label, supply, want, excluded, cap, retain, prefix,
+                          out)
+  -- Only the used ids there now: those this call draws from qkey go behind them.
+  local budget = redis.call('LLEN', qused)
+  local got, skipped = 0, {}
+  while got < want do
+    local id = redis.call('RPOP', qkey)
+    if not id then break end
+    local r = take(id, qused, label, supply, excluded, cap, retain, prefix, out)
+    if r == 0 then skipped[#skipped + 1] = id elseif r == 1 then got = got + 1 end
+  end
+  for i = #skipped, 1, -1 do redis.call('RPUSH', qkey, skipped[i]) end
   while got < want and budget > 0 do
-    local id = redis.call('LPOP', qkey)
+    local id = redis.call('LPOP', qused)
     budget = budget - 1
-    local skey = prefix .. id
-    if excluded[id] then
-      redis.call('RPUSH', qkey, id)
-    elseif redis.call('EXISTS', skey) == 1 then
-      local uses = redis.call('HINCRBY', skey, 'uses', 1)
-      out[#out + 1] = redis.call('HGETALL', skey)
-      got = got + 1
-      redis.call('HINCRBY', supply, 'u:' .. label, -1)
-      if uses == 1 then redis.call('HINCRBY', supply, 'f:' .. label, -1) end
-      if uses < cap then redis.call('RPUSH', qkey, id) else release(skey, retain) end
-    else
-      redis.call('HSET', supply, 'x:' .. label, 1)
-    end
+    local r = take(id, qused, label, supply, excluded, cap, retain, prefix, out)
+    if r == 0 then redis.call('RPUSH', qused, id) elseif r == 1 then got = got + 1 end
   end
 end
 """
 
 # KEYS: seen, class list, classes, evictions, outbox index, supply, seen order (zset),
-#       seen arrival counter, evictions of samples never used
+#       seen arrival counter, evictions of samples never used, the class's used list
 # ARGV: id, label, buffer_cap, seen_ttl, retain, sample-key prefix, mark, reuse_cap,
 #       seen_cap, field, value, ...
 # Returns {1 if new else 0, the mark the id was first added with ('' if none), unsent}.
@@ -83,8 +98,10 @@ redis.call('SADD', KEYS[3], label)
 redis.call('HINCRBY', KEYS[6], 'u:' .. label, reuse)
 redis.call('HINCRBY', KEYS[6], 'f:' .. label, 1)
 local evicted, unused = 0, 0
-while redis.call('LLEN', KEYS[2]) > cap do
-  local old = prefix .. redis.call('LPOP', KEYS[2])
+-- Over the cap, the least useful goes: a sample training has seen (least recently drawn
+-- first) before one it has not (oldest first).
+while redis.call('LLEN', KEYS[2]) + redis.call('LLEN', KEYS[10]) > cap do
+  local old = prefix .. (redis.call('LPOP', KEYS[10]) or redis.call('LPOP', KEYS[2]))
   local used = redis.call('HGET', old, 'uses')
   if used then
     local n = tonumber(used)
@@ -107,18 +124,18 @@ if unused > 0 then redis.call('HINCRBY', KEYS[9], label, unused) end
 return {1, mark, unsent}
 """
 
-# KEYS: supply, then one class list per class drawn
+# KEYS: supply, then per class drawn its class list and its used list
 # ARGV: reuse_cap, retain, sample-key prefix, number of excluded ids, excluded ids...,
-#       then one count per class list, then one label per class list
+#       then one count per class, then one label per class
 DRAW = _DRAW_CLASS + """
 local cap, retain, prefix = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local nexcl = tonumber(ARGV[4])
 local excluded = {}
 for i = 1, nexcl do excluded[ARGV[4 + i]] = true end
-local nclass = #KEYS - 1
+local nclass = (#KEYS - 1) / 2
 local out = {}
 for k = 1, nclass do
-  draw_class(KEYS[1 + k], ARGV[4 + nexcl + nclass + k], KEYS[1],
+  draw_class(KEYS[2 * k], KEYS[2 * k + 1], ARGV[4 + nexcl + nclass + k], KEYS[1],
              tonumber(ARGV[4 + nexcl + k]), excluded, cap, retain, prefix, out)
 end
 return out
@@ -128,7 +145,7 @@ return out
 # draw the class counts (never a popped replay), and record every drawn row with the
 # batch's meta under the outbox entry of ``sequence``, until the sender confirms it.
 # KEYS: outbox index (zset), the entry (hash), next sequence (string), replay zset,
-#       supply (hash), then one class list per class drawn
+#       supply (hash), then per class drawn its class list and its used list
 # ARGV: reuse_cap, retain, sample-key prefix, sequence, meta, replays, then one count per
 #       class list, then one label per class list
 # Returns {-1, next} when ``sequence`` is below the next free one (nothing done),
@@ -149,10 +166,10 @@ while #replays < nrep do
   end
 end
 local drawn = {}
-local nclass = #KEYS - 5
+local nclass = (#KEYS - 5) / 2
 for k = 1, nclass do
-  draw_class(KEYS[5 + k], ARGV[6 + nclass + k], KEYS[5], tonumber(ARGV[6 + k]), excluded,
-             cap, retain, prefix, drawn)
+  draw_class(KEYS[4 + 2 * k], KEYS[5 + 2 * k], ARGV[6 + nclass + k], KEYS[5],
+             tonumber(ARGV[6 + k]), excluded, cap, retain, prefix, drawn)
 end
 local rows = {}
 for _, row in ipairs(drawn) do rows[#rows + 1] = {'0', row} end
@@ -175,38 +192,43 @@ return {1, rows}
 
 # What each class can still give: {label, waiting, uses left, fresh, ...}, sorted by label.
 # A class whose counts are marked stale (``x:<label>``) or cannot be right (none yet:
-# buffers written before the supply hash existed) is counted again from its queue, once:
-# ids without a payload leave the queue (a draw would skip them anyway).
-# KEYS: classes set, supply.  ARGV: class-list key prefix, sample-key prefix, reuse_cap
+# buffers written before the supply hash existed) is counted again from its two lists,
+# once: ids without a payload leave them (a draw would skip them anyway).
+# KEYS: classes set, supply.
+# ARGV: class-list key prefix, used-list key prefix, sample-key prefix, reuse_cap
 SUPPLY = """
-local qprefix, prefix, cap = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local qprefix, uprefix, prefix = ARGV[1], ARGV[2], ARGV[3]
+local cap = tonumber(ARGV[4])
 local labels = redis.call('SMEMBERS', KEYS[1])
 table.sort(labels)
 local out = {}
 for _, label in ipairs(labels) do
-  local qkey = qprefix .. label
-  local n = redis.call('LLEN', qkey)
+  local lists = {qprefix .. label, uprefix .. label}
+  local n = redis.call('LLEN', lists[1]) + redis.call('LLEN', lists[2])
   local u = tonumber(redis.call('HGET', KEYS[2], 'u:' .. label) or '-1')
   local f = tonumber(redis.call('HGET', KEYS[2], 'f:' .. label) or '-1')
   local stale = redis.call('HGET', KEYS[2], 'x:' .. label)
   if stale or u < n or u > cap * n or f < 0 or f > n then
-    u, f = 0, 0
-    local kept = {}
-    for _, id in ipairs(redis.call('LRANGE', qkey, 0, -1)) do
-      local used = redis.call('HGET', prefix .. id, 'uses')
-      if used then
-        local x = tonumber(used)
-        kept[#kept + 1] = id
-        u = u + math.max(cap - x, 1)
-        if x == 0 then f = f + 1 end
+    u, f, n = 0, 0, 0
+    for _, qkey in ipairs(lists) do
+      local ids = redis.call('LRANGE', qkey, 0, -1)
+      local kept = {}
+      for _, id in ipairs(ids) do
+        local used = redis.call('HGET', prefix .. id, 'uses')
+        if used then
+          local x = tonumber(used)
+          kept[#kept + 1] = id
+          u = u + math.max(cap - x, 1)
+          if x == 0 then f = f + 1 end
+        end
       end
-    end
-    if #kept < n then
-      redis.call('DEL', qkey)
-      for i = 1, #kept, 1000 do
-        redis.call('RPUSH', qkey, unpack(kept, i, math.min(i + 999, #kept)))
+      if #kept < #ids then
+        redis.call('DEL', qkey)
+        for i = 1, #kept, 1000 do
+          redis.call('RPUSH', qkey, unpack(kept, i, math.min(i + 999, #kept)))
+        end
       end
-      n = #kept
+      n = n + #kept
     end
     redis.call('HSET', KEYS[2], 'u:' .. label, u, 'f:' .. label, f)
     redis.call('HDEL', KEYS[2], 'x:' .. label)

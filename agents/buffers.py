@@ -13,7 +13,9 @@ tag: one partition's keys share a slot, which its scripts need):
 | key                    | type   | holds                                                       |
 |------------------------|--------|-------------------------------------------------------------|
 | ``…:s:<id>``           | hash   | the sample: the BatchSample fields, ``digest``, ``uses``    |
-| ``…:q:<label>``        | list   | ids of the class waiting to be drawn, oldest first          |
+| ``…:q:<label>``        | list   | ids of the class no batch has used yet, oldest first        |
+| ``…:used:<label>``     | list   | ids of the class drawn below ``reuse_cap``, least recently  |
+|                        |        | drawn first                                                 |
 | ``…:classes``          | set    | every label ever buffered                                   |
 | ``…:seen``             | hash   | id → ``@<offset>`` that first added it (field TTL         |
 |                        |        | ``seen_ttl_s``): replays are no-ops                        |
@@ -29,8 +31,12 @@ tag: one partition's keys share a slot, which its scripts need):
 | ``…:outbox:<sequence>``| hash   | that batch: ``meta`` (JSON), ``n``, ``<i>:<field>`` per row |
 | ``…:outbox:next``      | string | the next free batch sequence of the partition              |
 
-A drawn sample goes back to the tail of its class list until it has been drawn
-``reuse_cap`` times, so a scarce class is oversampled up to that cap. A sample that
+A draw takes the most useful samples of a class first: those no batch has used, newest
+first (the freshest data the model has not seen), then used ones, least recently drawn
+first. A drawn sample joins the class's used list until it has been drawn ``reuse_cap``
+times, so a scarce class is oversampled up to that cap. A class over ``buffer_cap`` evicts
+the least useful: a used sample (least recently drawn) before one no batch has seen
+(oldest first), so an overflowing pool keeps what training has not seen. A sample that
 leaves the buffer after entering a batch (used up, or evicted after a use) keeps its
 payload for ``retain_s`` seconds more, so feedback on it can still bring it back as a hard
 example; one evicted before any use is deleted at once.
@@ -152,8 +158,16 @@ class ClassBuffers:
         return ":".join((self.prefix, *parts))
 
     def queue_key(self, label: str) -> str:
-        """The Redis list of one class."""
+        """The Redis list of one class's samples no batch has used yet."""
         return self._key("q", label)
+
+    def used_key(self, label: str) -> str:
+        """The Redis list of one class's samples drawn and below ``reuse_cap``."""
+        return self._key("used", label)
+
+    def _class_keys(self, labels: Iterable[str]) -> list[str]:
+        return [key for label in labels for key in (self.queue_key(label),
+                                                     self.used_key(label))]
 
     def sample_key(self, sample_id: str) -> str:
         """The Redis hash of one sample."""
@@ -171,7 +185,7 @@ class ClassBuffers:
             keys = [self._key("seen"), self.queue_key(label), self._key("classes"),
                     self._key("evictions"), self._key("outbox"), self._key("supply"),
                     self._key("seen", "order"), self._key("seen", "seq"),
-                    self._key("evictions", "unused")]
+                    self._key("evictions", "unused"), self.used_key(label)]
             mark = "1" if offset is None else f"@{int(offset)}"
             # Keyed by its name in the stores: a later version of an id is a new sample.
             args = [store_id(sample), label, self.buffer_cap, self.seen_ttl_s,
@@ -187,7 +201,8 @@ class ClassBuffers:
         """Buffer a sample read at ``offset`` of its samples partition, unless its id was
         buffered before; say which, with the offset that first buffered it.
 
-        Evicts the oldest samples of its class beyond ``buffer_cap`` (counted).
+        Evicts the least useful samples of its class beyond ``buffer_cap`` (counted): used
+        ones first, then the oldest never used.
         """
         keys, args = self._add_call(sample, offset)
         with _redis_errors("add"):
@@ -227,18 +242,19 @@ class ClassBuffers:
     def draw(
         self, counts: Mapping[str, int], exclude: Iterable[str] = ()
     ) -> list[dict[str, Any]]:
-        """Take up to ``counts[label]`` samples of each class, atomically, oldest first.
+        """Take up to ``counts[label]`` samples of each class, atomically: never-used ones
+        newest first, then used ones least recently drawn first.
 
         Classes come in the order of ``counts``. Each drawn sample's use count goes up;
-        below ``reuse_cap`` it goes back to the tail of its class, at the cap it leaves
-        the buffer. Ids in ``exclude`` (e.g. this batch's replays) are skipped without a
+        below ``reuse_cap`` it joins the tail of its class's used list, at the cap it
+        leaves the buffer. Ids in ``exclude`` (e.g. this batch's replays) are skipped without a
         use. A class with fewer samples than asked gives what it has, never one twice.
         """
         wanted = [(label, int(n)) for label, n in counts.items() if n > 0]
         if not wanted:
             return []
         excluded = list(dict.fromkeys(exclude))
-        keys = [self._key("supply"), *(self.queue_key(label) for label, _ in wanted)]
+        keys = [self._key("supply"), *self._class_keys(label for label, _ in wanted)]
         args: list[str | int] = [self.reuse_cap, self.retain_s, self._sample_prefix,
                                  len(excluded), *excluded, *(n for _, n in wanted),
                                  *(label for label, _ in wanted)]
@@ -259,7 +275,7 @@ class ClassBuffers:
         wanted = [(label, int(n)) for label, n in counts.items() if n > 0]
         keys = [self._key("outbox"), self._key("outbox", str(sequence)),
                 self._key("outbox", "next"), self._key("replay"), self._key("supply"),
-                *(self.queue_key(label) for label, _ in wanted)]
+                *self._class_keys(label for label, _ in wanted)]
         args: list[Any] = [self.reuse_cap, self.retain_s, self._sample_prefix, int(sequence),
                            json.dumps(meta, sort_keys=True), max(int(replays), 0),
                            *(n for _, n in wanted), *(label for label, _ in wanted)]
@@ -338,7 +354,10 @@ class ClassBuffers:
             pipe = self.redis.pipeline(transaction=False)
             for label in labels:
                 pipe.llen(self.queue_key(label))
-            return dict(zip(labels, (int(n) for n in pipe.execute()), strict=True))
+                pipe.llen(self.used_key(label))
+            lengths = [int(n) for n in pipe.execute()]
+            return {label: lengths[2 * i] + lengths[2 * i + 1]
+                    for i, label in enumerate(labels)}
 
     def supply(self) -> dict[str, Supply]:
         """What each class can still give, in one round trip: samples waiting, the uses
@@ -349,8 +368,8 @@ class ClassBuffers:
         again from its queue, once."""
         with _redis_errors("supply"):
             flat = self._supply(keys=[self._key("classes"), self._key("supply")],
-                                args=[self.queue_key(""), self._sample_prefix,
-                                      self.reuse_cap])
+                                args=[self.queue_key(""), self.used_key(""),
+                                      self._sample_prefix, self.reuse_cap])
         return {_text(flat[i]): Supply(int(flat[i + 1]), int(flat[i + 2]), int(flat[i + 3]))
                 for i in range(0, len(flat), 4)}
 

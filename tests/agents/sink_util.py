@@ -51,7 +51,8 @@ class MemoryBuffers:
         self.samples: dict[str, dict[str, Any]] = {}
         self.first: dict[str, int | None] = {}
         self.uses: Counter[str] = Counter()
-        self.queues: dict[str, deque[str]] = {}
+        self.queues: dict[str, deque[str]] = {}  # never drawn, oldest first
+        self.used: dict[str, deque[str]] = {}  # drawn below the cap, least recent first
         self.replay: list[str] = []
         self.outbox: dict[int, Recorded] = {}
         self.next_sequence = 0
@@ -79,21 +80,27 @@ class MemoryBuffers:
 
     def draw(self, counts: Mapping[str, int], exclude: Iterable[str] = ()
              ) -> list[dict[str, Any]]:
+        # As ClassBuffers draws: never-used samples newest first, then used ones least
+        # recently drawn first.
         excluded, out = set(exclude), []
         for label, n in counts.items():
-            queue = self.queues.get(label, deque())
-            budget, got = len(queue), 0
-            while got < n and budget > 0:
-                ident = queue.popleft()
-                budget -= 1
-                if ident in excluded:
-                    queue.append(ident)
-                    continue
+            fresh = self.queues.get(label, deque())
+            used = self.used.get(label, deque())
+            taken: list[str] = []
+            for ident in reversed(fresh):
+                if len(taken) < n and ident not in excluded:
+                    taken.append(ident)
+            for ident in list(used):
+                if len(taken) < n and ident not in excluded:
+                    taken.append(ident)
+                    used.remove(ident)
+            for ident in taken:
+                if ident in fresh:
+                    fresh.remove(ident)
                 self.uses[ident] += 1
                 out.append({**self.samples[ident], "replay": False})
-                got += 1
                 if self.uses[ident] < self.reuse_cap:
-                    queue.append(ident)
+                    self.used.setdefault(label, used).append(ident)
         return out
 
     def compose(self, sequence: int, counts: Mapping[str, int], replays: int,
@@ -130,13 +137,19 @@ class MemoryBuffers:
         return [{**self.samples[ident], "replay": True} for ident in taken]
 
     def sizes(self) -> dict[str, int]:
-        return {label: len(q) for label, q in sorted(self.queues.items())}
+        return {label: len(q) for label, q in sorted(self._waiting().items())}
 
     def supply(self) -> dict[str, Supply]:
         # As ClassBuffers counts it: a queued sample gives max(reuse_cap - uses, 1) more.
         return {label: Supply(len(q), sum(max(self.reuse_cap - self.uses[i], 1) for i in q),
                               sum(self.uses[i] == 0 for i in q))
-                for label, q in sorted(self.queues.items())}
+                for label, q in sorted(self._waiting().items())}
+
+    def _waiting(self) -> dict[str, list[str]]:
+        """Every class's queued ids, never drawn and used."""
+        labels = set(self.queues) | set(self.used)
+        return {label: [*self.queues.get(label, ()), *self.used.get(label, ())]
+                for label in labels}
 
     def replay_size(self) -> int:
         return len(self.replay)

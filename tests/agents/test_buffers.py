@@ -118,9 +118,35 @@ def test_class_buffer_is_bounded_and_counts_evictions(make: Any, client: redis.R
     assert buf.sizes() == {"a": 5, "b": 1}
     assert buf.evictions() == {"a": 7}
     assert buf.evictions(unused=True) == {"a": 7}  # none of them was ever in a batch
-    # The oldest went; their payloads with them.
-    assert [s["id"] for s in buf.draw({"a": 5})] == [f"id{i:05d}" for i in range(7, 12)]
+    # The oldest went; their payloads with them. A draw takes the newest first.
+    assert [s["id"] for s in buf.draw({"a": 5})] == [f"id{i:05d}" for i in range(11, 6, -1)]
     assert not client.exists(buf.sample_key("id00000"))
+
+
+def test_an_overflowing_class_evicts_what_training_has_seen_before_what_it_has_not(
+        make: Any) -> None:
+    """Compute-limited: the stream outruns training and the class overflows. The least
+    useful samples go first: those a batch already used (least recently drawn first),
+    then the oldest never used; so no never-used sample is evicted while a used one
+    is kept."""
+    buf = make(buffer_cap=4, reuse_cap=3, retain_s=0)
+    buf.add_many([sample(i) for i in range(4)])
+    assert [s["id"] for s in buf.draw({"a": 2})] == ["id00003", "id00002"]
+    buf.add_many([sample(4), sample(5)])  # two over the cap: the two used ones go
+    assert buf.evictions() == {"a": 2}
+    assert buf.evictions(unused=True) == {}
+    assert [s["id"] for s in buf.draw({"a": 4})] == ["id00005", "id00004", "id00001",
+                                                      "id00000"]
+    buf.add_many([sample(6)])  # all four used: the least recently drawn goes
+    assert buf.evictions() == {"a": 3}
+    assert [(s["id"], s["uses"]) for s in buf.draw({"a": 4})] == [
+        ("id00006", 1), ("id00004", 2), ("id00001", 2), ("id00000", 2)]
+    buf.add_many([sample(i) for i in range(7, 11)])  # four new: the four used ones go
+    assert buf.evictions() == {"a": 7}
+    assert buf.evictions(unused=True) == {}
+    buf.add_many([sample(11)])  # only never-used ones left: the oldest of them goes
+    assert buf.evictions(unused=True) == {"a": 1}
+    assert [s["id"] for s in buf.draw({"a": 9})] == [f"id{i:05d}" for i in range(11, 7, -1)]
 
 
 def test_evicted_payload_is_retained_only_after_a_use(make: Any, client: redis.Redis) -> None:
@@ -141,9 +167,10 @@ def test_draw_is_in_order_and_reuse_is_capped(make: Any, client: redis.Redis) ->
     buf.add_many([sample(i, "rare") for i in range(2)] + [sample(10 + i, "big")
                                                           for i in range(4)])
     first = buf.draw({"big": 2, "rare": 2})
-    assert [s["id"] for s in first] == ["id00010", "id00011", "id00000", "id00001"]
-    # Oldest first, used ones go to the tail: round robin over the class.
-    assert [s["id"] for s in buf.draw({"big": 3})] == ["id00012", "id00013", "id00010"]
+    assert [s["id"] for s in first] == ["id00013", "id00012", "id00001", "id00000"]
+    # Never-used samples first, newest first; then used ones, least recently drawn first
+    # (round robin over the class).
+    assert [s["id"] for s in buf.draw({"big": 3})] == ["id00011", "id00010", "id00013"]
     uses: dict[str, int] = {}
     drawn = 0
     while True:
@@ -165,10 +192,10 @@ def test_draw_asks_more_than_there_is_and_skips_excluded(make: Any) -> None:
     buf.add_many([sample(i) for i in range(3)])
     assert buf.draw({"a": 0, "missing": 4}) == []
     got = buf.draw({"a": 3}, exclude=["id00001"])
-    assert [s["id"] for s in got] == ["id00000", "id00002"]
-    # The excluded one went round with the others, without a use.
+    assert [s["id"] for s in got] == ["id00002", "id00000"]
+    # The excluded one stayed among the never-used, without a use; it comes first now.
     assert [(s["id"], s["uses"]) for s in buf.draw({"a": 3})] == [
-        ("id00000", 2), ("id00001", 1), ("id00002", 2)]
+        ("id00001", 1), ("id00002", 2), ("id00000", 2)]
 
 
 def test_concurrent_draws_are_atomic(make: Any, stack: Settings) -> None:
@@ -199,8 +226,9 @@ def test_concurrent_draws_are_atomic(make: Any, stack: Settings) -> None:
 def test_replay_queue(make: Any, client: redis.Redis) -> None:
     buf = make(reuse_cap=1, retain_s=60, replay_cap=3)
     buf.add_many([sample(i) for i in range(6)])
-    buf.draw({"a": 1})  # id00000 used up: payload retained, still replayable
-    assert buf.push_replay(["id00000", "id00002", "nope", "id00002"]) == 2
+    assert [s["id"] for s in buf.draw({"a": 1})] == ["id00005"]  # newest first
+    # id00005 is used up: its payload is retained, so it can still be replayed.
+    assert buf.push_replay(["id00005", "id00002", "nope", "id00002"]) == 2
     assert buf.push_replay(["id00003", "id00004"]) == 2  # over replay_cap: oldest dropped
     assert buf.replay_size() == 3
     client.delete(buf.sample_key("id00003"))  # payload gone meanwhile: skipped
@@ -209,8 +237,8 @@ def test_replay_queue(make: Any, client: redis.Redis) -> None:
     assert all(s["replay"] for s in got)
     assert buf.replay_size() == 0 and buf.pop_replay(2) == []
     # A replay is not a use: the sample is still in its class with its count.
-    assert [(s["id"], s["uses"]) for s in buf.draw({"a": 5})][:2] == [
-        ("id00001", 1), ("id00002", 1)]
+    assert [(s["id"], s["uses"]) for s in buf.draw({"a": 5})] == [
+        ("id00004", 1), ("id00002", 1), ("id00001", 1), ("id00000", 1)]
 
 
 def test_partitions_and_namespaces_are_separate(make: Any, client: redis.Redis) -> None:
@@ -246,19 +274,20 @@ def test_compose_draws_and_records_in_one_step_until_confirmed(make: Any,
                                                                 client: redis.Redis) -> None:
     buf = make(reuse_cap=1, retain_s=0)
     buf.add_many([sample(i, "a") for i in range(4)] + [sample(10 + i, "b") for i in range(4)])
-    buf.draw({"b": 1})  # id00010 used up, but its payload is gone (retain 0)
-    buf.push_replay(["id00011"])
+    buf.draw({"b": 1})  # id00013 used up, and its payload is gone (retain 0)
+    buf.push_replay(["id00012"])
     meta = {"state": {"sequence": 1}, "shares": {"a": 0.5, "b": 0.5}}
     rows = buf.compose(0, {"a": 2, "b": 1}, 1, meta)
+    # Never-used samples newest first; the replay is not drawn again.
     assert [(r["id"], r["replay"]) for r in rows] == [
-        ("id00000", False), ("id00001", False), ("id00012", False), ("id00011", True)]
+        ("id00003", False), ("id00002", False), ("id00011", False), ("id00012", True)]
     assert buf.replay_size() == 0
     [recorded] = buf.unsent()
     assert (recorded.sequence, recorded.meta, recorded.rows) == (0, meta, rows)
     assert buf.admit(sample(20, "a"), 3).unsent == 1
     # The drawn uses are spent whether or not the batch was sent yet.
-    assert buf.sizes() == {"a": 3, "b": 2}  # a: 2, 3, 20; b: 11 (a replay: no use), 13
-    assert not client.exists(buf.sample_key("id00000"))  # used up, and still recorded
+    assert buf.sizes() == {"a": 3, "b": 2}  # a: 0, 1, 20; b: 10, 12 (a replay: no use)
+    assert not client.exists(buf.sample_key("id00003"))  # used up, and still recorded
     with pytest.raises(SequenceTaken) as taken:
         buf.compose(0, {"a": 1}, 0, meta)
     assert taken.value.next == 1
@@ -279,7 +308,8 @@ def recount(buf: ClassBuffers, client: redis.Redis) -> dict[str, Supply]:
     """What ``supply`` must say, counted the slow way from every queued sample."""
     out = {}
     for label in buf.classes():
-        ids = client.lrange(buf.queue_key(label), 0, -1)
+        ids = (client.lrange(buf.queue_key(label), 0, -1)
+               + client.lrange(buf.used_key(label), 0, -1))
         uses = [int(client.hget(buf.sample_key(i.decode()), "uses") or 0) for i in ids]
         out[label] = Supply(len(ids), sum(max(buf.reuse_cap - u, 1) for u in uses),
                             sum(u == 0 for u in uses))
@@ -319,13 +349,13 @@ def test_supply_is_counted_again_when_its_counts_are_missing_or_wrong(
     known: the draw skips it, and the class is counted again)."""
     buf = make(reuse_cap=4, retain_s=0)
     buf.add_many([sample(i, "a") for i in range(5)] + [sample(10, "b")])
-    buf.draw({"a": 2})  # a: 2, 3, 4 fresh; 0, 1 used once
+    buf.draw({"a": 2})  # a: 0, 1, 2 fresh; 4, 3 used once
     expected = {"a": Supply(5, 18, 3), "b": Supply(1, 4, 1)}
     assert buf.supply() == expected
     client.delete(buf.prefix + ":supply")
     assert buf.supply() == expected
-    client.delete(buf.sample_key("id00004"))  # a fresh one vanishes from under the queue
-    assert [s["id"] for s in buf.draw({"a": 3})] == ["id00002", "id00003", "id00000"]
+    client.delete(buf.sample_key("id00000"))  # a fresh one vanishes from under the queue
+    assert [s["id"] for s in buf.draw({"a": 3})] == ["id00002", "id00001", "id00004"]
     assert buf.supply()["a"] == Supply(4, 11, 0) == recount(buf, client)["a"]
     assert buf.supply() == recount(buf, client)
 
