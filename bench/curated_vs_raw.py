@@ -55,6 +55,13 @@ Method (the same text is printed with the results and stored in the JSON):
    reaches the raw arm's final macro-F1 in the same stream order.
 7. Replicates: 4–6 repeated for several stream orders (the held-out set is fixed); tables
    give mean ± sd over the orders and the paired difference to raw (in points of F1).
+8. The byte-LM: in the compute-limited regime the arms ``raw``, ``dedup+quality`` and
+   ``+inverse`` also train ``byte-lm`` (``trainer.models.bytelm``: a small causal
+   transformer over UTF-8 bytes)
+   on the very same batches, evaluated in bits per byte on the held-out code; the last
+   checkpoint also on the held-out code the product's quality rules pass and on the code
+   they fail (``agents.quality.QualityFilter``, ingest settings), to show where the
+   difference to raw comes from.
 
 Run: ``.venv/bin/python -m bench.curated_vs_raw [--quick]``; writes
 ``bench/results/curated_vs_raw[-quick].json``.
@@ -97,7 +104,14 @@ from bench.curation.report import (
     summarize,
     summarize_lm,
 )
-from bench.curation.training import arm_settings, eval_every, produce, run_figures, train_arm
+from bench.curation.training import (
+    arm_settings,
+    eval_every,
+    evaluate_checkpoints,
+    produce,
+    run_figures,
+    train_arm,
+)
 
 BATCH = 8
 #: regime → (samples offered per sample consumed): 3 offered per consumed, or 1 per 2.
@@ -122,6 +136,25 @@ METHOD = (__doc__.split("in the JSON):", 1)[1].split("Run:", 1)[0].strip("\n")
 log = logging.getLogger("bench.curated_vs_raw")
 
 
+def quality_subsets(settings: Any, records: list[dict[str, Any]], vectors: np.ndarray,
+                    code: list[int], folder: Path) -> dict[str, list[Any]]:
+    """The held-out code split by the product's quality rules (``agents.quality``, the
+    ingest settings): what a curated stream would have kept and what it would have
+    dropped, as evaluation samples. Why an arm's bits per byte moves shows there."""
+    from agents.quality import QualityFilter
+    from trainer.evaluate import load_eval_jsonl
+
+    judge = QualityFilter(settings.ingest)
+    passed = {i for i in code if judge.check(records[i]["content"], "CODE").passed}
+    out: dict[str, list[Any]] = {}
+    for name, part in (("passes quality", [i for i in code if i in passed]),
+                       ("fails quality", [i for i in code if i not in passed])):
+        path = folder / f"heldout-code-{name.replace(' ', '-')}.jsonl"
+        write_eval_jsonl(path, records, vectors, part)
+        out[name] = load_eval_jsonl(path) if part else []
+    return out
+
+
 def regime_steps(offered: int, ratio: float) -> int:
     """Optimizer steps of a regime: ``offered / ratio`` samples in batches of ``BATCH``."""
     return max(1, int(offered / ratio) // BATCH)
@@ -130,9 +163,11 @@ def regime_steps(offered: int, ratio: float) -> int:
 def replicate(base: Any, folder: Path, seed: int, records: list[dict[str, Any]],
               vectors: np.ndarray, digests: list[str], train: list[int], heldout: list[int],
               eval_file: Path, eval_samples: list[Any], lm_eval_file: Path,
-              lm_eval_samples: list[Any]) -> dict[str, Any]:
+              lm_eval_samples: list[Any], lm_subsets: dict[str, list[Any]]
+              ) -> dict[str, Any]:
     """One stream order (``seed``): curate it once, then for each regime build every arm's
-    batches, train, evaluate (and the byte-LM on ``LM_ARMS`` of ``LM_REGIME``)."""
+    batches, train, evaluate (and the byte-LM on ``LM_ARMS`` of ``LM_REGIME``, its last
+    checkpoint also on each of ``lm_subsets`` of the held-out code)."""
     stream = list(train)
     random.Random(seed).shuffle(stream)
     cache = {r["content"]: vectors[i] for i, r in enumerate(records)}
@@ -175,9 +210,14 @@ def replicate(base: Any, folder: Path, seed: int, records: list[dict[str, Any]],
                                         lm_eval_file, False, model="byte-lm")
                 produce(settings, batches[policy], steps)
                 out["byte_lm"][arm] = run = train_arm(settings, lm_eval_samples)
+                run["subsets"] = {
+                    name: evaluate_checkpoints(settings.trainer, subset,
+                                               last_only=True)[-1]["bits_per_byte"]
+                    for name, subset in lm_subsets.items() if subset}
+                parts = ", ".join(f"{k} {v:.3f}" for k, v in run["subsets"].items())
                 console.print(f"seed {seed} {regime} byte-lm {arm}: held-out code "
-                              f"{run['curve'][-1]['bits_per_byte']:.3f} bits/byte "
-                              f"({run['wall_s']}s)")
+                              f"{run['curve'][-1]['bits_per_byte']:.3f} bits/byte ({parts}; "
+                              f"{run['wall_s']}s)")
         out["regimes"][regime] = {"steps": steps, "consumed": steps * BATCH,
                                   "offered": len(stream), "composition": composition,
                                   "arms": arms}
@@ -216,8 +256,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         write_eval_jsonl(eval_file, records, vectors, heldout)
         eval_samples = load_eval_jsonl(eval_file)
         lm_eval_file = folder / "heldout-code.jsonl"
-        write_eval_jsonl(lm_eval_file, records, vectors,
-                         [i for i in heldout if records[i]["kind"] == "CODE"])
+        heldout_code = [i for i in heldout if records[i]["kind"] == "CODE"]
+        write_eval_jsonl(lm_eval_file, records, vectors, heldout_code)
         lm_eval_samples = load_eval_jsonl(lm_eval_file)
         if not lm_eval_samples:
             raise RuntimeError("no code among the held-out texts: the byte-LM has nothing "
@@ -225,11 +265,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         base = load_settings(state_dir=str(folder / "state"), stack={
             "kafka_port": free_port(), "controller_port": free_port(),
             "redis_port": free_port()}, dedup={"device": "cpu"})
+        lm_subsets = quality_subsets(base, records, vectors, heldout_code, folder)
         stack = Stack(base)
         stack.up()
         try:
             reps = [replicate(base, folder, seed, records, vectors, digests, train, heldout,
-                              eval_file, eval_samples, lm_eval_file, lm_eval_samples)
+                              eval_file, eval_samples, lm_eval_file, lm_eval_samples,
+                              lm_subsets)
                     for seed in seeds]
         finally:
             stack.down()
@@ -266,7 +308,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lm_summary = summarize_lm([r["byte_lm"] for r in reps])
     show_lm(f"byte-lm, {LM_REGIME}: held-out code ({len(lm_eval_samples)} texts), bits per "
             f"byte after {reps[0]['regimes'][LM_REGIME]['steps']} steps × {BATCH} "
-            f"(mean ± sd over {len(seeds)} orders)", lm_summary, len(seeds))
+            f"(mean ± sd over {len(seeds)} orders); the held-out code the product's quality "
+            f"rules pass and fail", lm_summary, len(seeds),
+            {name: len(subset) for name, subset in lm_subsets.items()})
     payload = {
         "method": METHOD, "batch_size": BATCH, "regimes": {
             regime: {"offered_per_consumed": ratio,
@@ -276,7 +320,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "arms": {arm: {"policy": p, "loss_weights": w, "replay_policy": r}
                  for arm, (p, w, r) in ARMS.items()},
         "byte_lm": {"regime": LM_REGIME, "arms": list(LM_ARMS),
-                    "heldout_code": len(lm_eval_samples), "summary": lm_summary},
+                    "heldout_code": len(lm_eval_samples),
+                    "subsets": {name: len(subset) for name, subset in lm_subsets.items()},
+                    "summary": lm_summary},
         "seeds": seeds, "text_chars": TEXT_CHARS, "holdout_fraction": HOLDOUT,
         "corpus": {"records": len(records), "distinct_texts": len(set(digests)),
                    "train": len(train), "heldout": len(heldout),

@@ -19,8 +19,11 @@ kind of events.
    (with any children), of Kafka and of Redis (``/proc``), Redis' ``used_memory`` and
    ``used_memory_rss`` (``INFO memory``), its key count (``DBSIZE``), the vector set's size
    and the two fuzzy indexes' sizes (words / code tokens).
-3. The summary: memory after the warm-up (the row at minute ``max(1, minutes // 6)``)
-   against the last row, per process; flat within 10 % is the goal. Without a horizon
+3. The summary: memory after the warm-up against the last row, per process; flat within
+   10 % is the goal. The warm-up ends when every store bounded by time is full: used
+   samples keep their payload ``balance.retain_s`` (600 s) for replays, the dedup layers
+   keep ``dedup.horizon.age_s``; so at the minute the longest of them ends, and at least
+   a sixth of the run (``warmup_minute``). Without a horizon
    Redis holds every admitted sample in every layer, so its growth is also shown per new
    index member. Then Redis per layer at the end (keys and ``MEMORY USAGE`` by key prefix,
    one ``SCAN``), and the accounting of ``bench.churn``: produced / outcomes / double
@@ -36,6 +39,7 @@ is stopped.
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import signal
 import sys
@@ -226,6 +230,18 @@ def _row(r: dict[str, Any]) -> list[Any]:
             r["vset"], f"{r['fuzzy']}/{r['fuzzy_code']}", r.get("seen", "")]
 
 
+def warmup_minute(minutes: int, retain_s: float, horizon_age_s: float) -> int:
+    """The minute from which memory should be flat: every store bounded by time is full
+    (used payloads kept ``retain_s``, dedup layers ``horizon_age_s``), and at least a
+    sixth of the run; never the last minute (a run shorter than that says so)."""
+    full = math.ceil(max(retain_s, horizon_age_s) / 60)
+    wanted = max(1, minutes // 6, full)
+    if wanted >= minutes:
+        console.print(f"[yellow]the stores bounded by time fill for {full} minutes; a "
+                      f"{minutes}-minute soak cannot show them flat[/yellow]")
+    return min(wanted, max(1, minutes - 1))
+
+
 def summary(rows: list[dict[str, Any]], warmup_minute: int) -> list[dict[str, Any]]:
     """Per process: memory at the end of the warm-up against the end; flat or not (the
     verdict). Beside it, ``trend``: the least-squares line through every minute after the
@@ -335,9 +351,10 @@ def run(minutes: int, load: float, burst: int, drain_s: float, quick: bool,
         ledger.close()
         show(f"soak: one worker at {rate:.2f} events/s ({load:.0%} of {capacity:.2f}), "
              f"memory every minute", COLUMNS, [_row(r) for r in rows])
-        warmup_minute = max(1, minutes // 6)
-        flat = summary(rows, warmup_minute)
-        show(f"memory after the warm-up (minute {warmup_minute}) vs the end "
+        warm_minute = warmup_minute(minutes, settings.balance.retain_s,
+                                    float((horizon or {}).get("age_s") or 0.0))
+        flat = summary(rows, warm_minute)
+        show(f"memory after the warm-up (minute {warm_minute}) vs the end "
              f"(minute {rows[-1]['minute']}); goal: within {FLAT:.0%}",
              ["process", "after warm-up MiB", "end MiB", "change", "flat",
               "trend (fit, same span)"],
@@ -355,7 +372,8 @@ def run(minutes: int, load: float, burst: int, drain_s: float, quick: bool,
                           figures, workers)
     payload = {"minutes": minutes, "load": load, "capacity_events_per_s": capacity,
                "capacity_burst": {"events": burst_n, "seconds": burst_s}, "rate": rate,
-               "rows": rows, "memory": flat, "drain_s": drained_s, "figures": figures,
+               "rows": rows, "warmup_minute": warm_minute, "memory": flat,
+               "drain_s": drained_s, "figures": figures,
                "horizon": horizon or {}, "seen_cap": settings.balance.seen_cap,
                "layers": layers, "failures": problems}
     write_result("soak", quick, payload)

@@ -184,25 +184,48 @@ def show_regime(title: str, summary: dict[str, dict[str, Any]], steps: int, n: i
 
 def summarize_lm(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The byte-LM's final held-out bits per byte per arm over the stream orders (``runs``:
-    one dict arm → run per order), and the paired difference to raw (negative: better)."""
+    one dict arm → run per order), and the paired difference to raw (negative: better);
+    the same for each subset of the held-out code (a run's ``subsets``: name → final
+    bits per byte)."""
     summary: dict[str, dict[str, Any]] = {}
-    raw = [r["raw"]["curve"][-1]["bits_per_byte"] for r in runs]
     for arm in runs[0]:
-        finals = [r[arm]["curve"][-1]["bits_per_byte"] for r in runs]
-        entry: dict[str, Any] = {}
-        entry["bits_per_byte_mean"], entry["bits_per_byte_sd"] = mean_sd(finals)
-        if arm != "raw":
-            diffs = [f - b for f, b in zip(finals, raw, strict=True)]
-            entry["minus_raw_mean"], entry["minus_raw_sd"] = mean_sd(diffs)
-            entry["better_than_raw"] = sum(d < 0 for d in diffs)
+        entry = _lm_entry([r[arm]["curve"][-1]["bits_per_byte"] for r in runs],
+                          [r["raw"]["curve"][-1]["bits_per_byte"] for r in runs], arm)
+        entry["subsets"] = {
+            name: _lm_entry([r[arm]["subsets"][name] for r in runs],
+                            [r["raw"]["subsets"][name] for r in runs], arm)
+            for name in runs[0][arm].get("subsets", {})}
         summary[arm] = entry
     return summary
 
 
-def show_lm(title: str, summary: dict[str, dict[str, Any]], n: int) -> None:
-    """The byte-LM table: held-out bits per byte per arm, and the paired change vs raw."""
-    rows = [[arm, _pm(e["bits_per_byte_mean"], e["bits_per_byte_sd"]),
-             "" if arm == "raw" else f"{e['minus_raw_mean']:+.3f}±{e['minus_raw_sd']:.3f} "
-                                     f"({e['better_than_raw']}/{n} below raw)"]
-            for arm, e in summary.items()]
-    show(title, ["arm", "bits per byte", "Δ vs raw (orders below raw)"], rows)
+def _lm_entry(finals: list[float], raw: list[float], arm: str) -> dict[str, Any]:
+    entry: dict[str, Any] = {}
+    entry["bits_per_byte_mean"], entry["bits_per_byte_sd"] = mean_sd(finals)
+    if arm != "raw":
+        diffs = [f - b for f, b in zip(finals, raw, strict=True)]
+        entry["minus_raw_mean"], entry["minus_raw_sd"] = mean_sd(diffs)
+        entry["better_than_raw"] = sum(d < 0 for d in diffs)
+    return entry
+
+
+def show_lm(title: str, summary: dict[str, dict[str, Any]], n: int,
+            sizes: dict[str, int] | None = None) -> None:
+    """The byte-LM table: held-out bits per byte per arm and the paired change vs raw, on
+    all the held-out code and on each subset (``sizes``: subset → texts)."""
+    def cells(arm: str, e: dict[str, Any]) -> list[str]:
+        return [_pm(e["bits_per_byte_mean"], e["bits_per_byte_sd"]),
+                "" if arm == "raw" else f"{e['minus_raw_mean']:+.3f}±{e['minus_raw_sd']:.3f} "
+                                        f"({e['better_than_raw']}/{n} below raw)"]
+    names = list(next(iter(summary.values())).get("subsets", {}))
+    header = ["arm", "bits per byte", "Δ vs raw (orders below raw)"]
+    for name in names:
+        size = f" ({sizes[name]})" if sizes and name in sizes else ""
+        header += [f"{name}{size}", "Δ vs raw"]
+    rows = []
+    for arm, e in summary.items():
+        row = [arm, *cells(arm, e)]
+        for name in names:
+            row += cells(arm, e["subsets"][name])
+        rows.append(row)
+    show(title, header, rows)

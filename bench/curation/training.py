@@ -84,11 +84,12 @@ def run_figures(settings: Any, result: Any, eval_samples: list[Any]) -> dict[str
             **{f"eval_{k}": v for k, v in result.eval.items()}, "curve": curve}
 
 
-def evaluate_checkpoints(cfg: Any, samples: list[Any]) -> list[dict[str, Any]]:
-    """Each checkpoint of the run, oldest first, rebuilt as the trainer rebuilds it and
-    evaluated on ``samples``: the trainer's ``evaluate`` (macro-F1, accuracy, loss) and,
-    from the model's predictions, the F1 of every held-out class; for a language model its
-    loss (nats per byte for ``byte-lm``) and ``bits_per_byte``."""
+def evaluate_checkpoints(cfg: Any, samples: list[Any], last_only: bool = False
+                         ) -> list[dict[str, Any]]:
+    """Each checkpoint of the run (``last_only``: the last), oldest first, rebuilt as the
+    trainer rebuilds it and evaluated on ``samples``: the trainer's ``evaluate`` (macro-F1,
+    accuracy, loss) and, from the model's predictions, the F1 of every held-out class; for
+    a language model its loss (nats per byte for ``byte-lm``) and ``bits_per_byte``."""
     import torch
 
     from trainer.checkpoint import CheckpointStore
@@ -98,7 +99,8 @@ def evaluate_checkpoints(cfg: Any, samples: list[Any]) -> list[dict[str, Any]]:
     store = CheckpointStore(cfg.checkpoint_dir)
     device = torch.device("cpu")
     curve: list[dict[str, Any]] = []
-    for path in store.checkpoints():
+    paths = store.checkpoints()
+    for path in paths[-1:] if last_only else paths:
         ckpt = store.load(path)
         plugin, _ = build_model(ckpt, cfg)
         figures = evaluate(plugin, samples, device, nullcontext())
