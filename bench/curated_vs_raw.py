@@ -55,13 +55,13 @@ Method (the same text is printed with the results and stored in the JSON):
    reaches the raw arm's final macro-F1 in the same stream order.
 7. Replicates: 4–6 repeated for several stream orders (the held-out set is fixed); tables
    give mean ± sd over the orders and the paired difference to raw (in points of F1).
-8. The byte-LM: in the compute-limited regime the arms ``raw``, ``dedup+quality`` and
-   ``+inverse`` also train ``byte-lm`` (``trainer.models.bytelm``: a small causal
-   transformer over UTF-8 bytes)
-   on the very same batches, evaluated in bits per byte on the held-out code; the last
-   checkpoint also on the held-out code the product's quality rules pass and on the code
-   they fail (``agents.quality.QualityFilter``, ingest settings), to show where the
-   difference to raw comes from.
+8. The byte-LM: in the compute-limited regime the arms ``raw``, ``dedup+quality``,
+   ``+inverse`` and ``+inverse +weights`` also train ``byte-lm``
+   (``trainer.models.bytelm``: a small causal transformer over UTF-8 bytes) on the very
+   same batches, evaluated in bits per byte on the held-out code; the last checkpoint
+   also on the held-out code the product's quality rules pass and on the code they fail
+   (``agents.quality.QualityFilter``, ingest settings), to show where the difference to
+   raw comes from.
 
 Run: ``.venv/bin/python -m bench.curated_vs_raw [--quick]``; writes
 ``bench/results/curated_vs_raw[-quick].json``.
@@ -128,7 +128,7 @@ ARMS: dict[str, tuple[str | None, bool, str | None]] = {
 }
 #: The arms the byte-LM trains on (compute-limited regime; the same batches as the
 #: classifier's arms of that name), evaluated on the held-out code.
-LM_ARMS = ("raw", "dedup+quality", "+inverse")
+LM_ARMS = ("raw", "dedup+quality", "+inverse", "+inverse +weights")
 LM_REGIME = "compute-limited"
 METHOD = (__doc__.split("in the JSON):", 1)[1].split("Run:", 1)[0].strip("\n")
           if __doc__ else "")
@@ -204,10 +204,10 @@ def replicate(base: Any, folder: Path, seed: int, records: list[dict[str, Any]],
         if regime == LM_REGIME:
             out["byte_lm"] = {}
             for arm in LM_ARMS:
-                policy = ARMS[arm][0]
+                policy, weighted, _ = ARMS[arm]
                 tag = f"lm-{arm.replace('+', 'p').replace(' ', '')}-{seed}"
                 settings = arm_settings(base, tag, steps, folder / f"ckpt-{tag}", seed,
-                                        lm_eval_file, False, model="byte-lm")
+                                        lm_eval_file, weighted, model="byte-lm")
                 produce(settings, batches[policy], steps)
                 out["byte_lm"][arm] = run = train_arm(settings, lm_eval_samples)
                 run["subsets"] = {
