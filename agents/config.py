@@ -241,7 +241,9 @@ class BalanceSettings(Section):
     tau: float = Field(0.5, ge=0, description="power policy exponent")
     beta: float = Field(0.999, gt=0, lt=1, description="effective-number policy β")
     batch_size: int = Field(32, ge=1)
-    buffer_cap: int = Field(2000, ge=1, description="samples kept per class buffer")
+    buffer_cap: int = Field(2000, ge=1, description="samples kept per class buffer; over "
+                            "it the least useful go: used ones first, then the oldest "
+                            "never used")
     reuse_cap: int = Field(4, ge=1, description="times one sample may enter batches")
     difficulty_gamma: float = Field(1.0, ge=0, description="exponent on the loss factor")
     hard_k: float = Field(2.0, ge=0, description="replay when loss > mean + k·std")
