@@ -120,7 +120,8 @@ def test_class_buffers_compose_confirm_replay_and_clear(client: redis.Redis,
     assert buf.add(sample(0, label="b")) is False  # idempotent by id
     assert buf.sizes() == {"a": 4, "b": 4}
     rows = buf.compose(0, {"a": 2, "b": 1}, 0, {"batch": "x"})
-    assert sorted(r["id"] for r in rows) == ["id00000", "id00001", "id00003"]
+    # Never-used samples newest first: a 7, 5; b 6.
+    assert sorted(r["id"] for r in rows) == ["id00005", "id00006", "id00007"]
     assert [r.sequence for r in buf.unsent()] == [0]
     buf.confirm(0)  # a MULTI/EXEC of two keys in one slot
     assert buf.unsent() == []
