@@ -45,7 +45,9 @@ both agree on the order, so the earlier-inserted wins and two near-copies sharin
 never both admitted. A duplicate names the *earliest* indexed item it reaches the threshold
 with (``earliest_match``), not the most similar: a loser is only ever a later insert than
 its winner, so a third item that sees both names the winner, and its replay names the same
-one (the most-similar rule once named a loser first and the winner on the replay). Rare
+one (the most-similar rule once named a loser first and the winner on the replay). An item
+of the loser's own batch, decided a duplicate of it before the race was known, names the
+winner instead when it reaches the threshold with it too, as its replay would. Rare
 leftovers, accepted: a third item that reaches the threshold with the loser but not with
 the winner, seen while the loser was briefly in the index, keeps ``duplicate_of`` pointing
 at it; a crash between the insert and the removal leaves the loser admitted.
@@ -357,8 +359,31 @@ class FuzzyIndex:
                     batch_ids.append(ids[j])
 
         if batch_ids:
-            decisions.update(self._insert_admitted(ids, sigs, keys, seen, decisions, batch_ids))
+            changed = self._insert_admitted(ids, sigs, keys, seen, decisions, batch_ids)
+            decisions.update(changed)
+            self._name_winners(decisions, changed, ids, sigs)
         return [decisions[first[item_id]] for item_id in ids]
+
+    def _name_winners(self, decisions: dict[int, FuzzyDecision],
+                      changed: dict[int, FuzzyDecision], ids: list[str],
+                      sigs: list[np.ndarray | None]) -> None:
+        """A duplicate of an item of this batch that then lost the insert race names the
+        loser's winner instead, when it reaches the threshold with it too: the loser left
+        the index, so the winner is what the duplicate's replay finds. (A winner is never
+        an item of this batch: a loser gives way only to items inserted by others.)"""
+        winner_of: dict[str | None, str] = {
+            ids[j]: d.duplicate_of for j, d in changed.items() if d.duplicate_of is not None}
+        if not winner_of:
+            return
+        stored = self._fetch(set(winner_of.values()))
+        for j, decision in list(decisions.items()):
+            winner = winner_of.get(decision.duplicate_of)
+            sig = sigs[j]
+            if j in changed or winner is None or winner not in stored or sig is None:
+                continue
+            sim = jaccard(sig, stored[winner].signature)
+            if sim >= self.settings.threshold:
+                decisions[j] = FuzzyDecision(False, winner, sim, "duplicate")
 
     def check(self, items: Sequence[tuple[str, str]] | Sequence[tuple[str, CodeDoc]]
               ) -> list[FuzzyDecision]:

@@ -299,6 +299,23 @@ def test_race_earlier_insert_wins(client: redis.Redis, namespace: str) -> None:
 
 
 @pytest.mark.integration
+def test_a_batch_copy_of_a_race_loser_names_the_winner(client: redis.Redis,
+                                                       namespace: str) -> None:
+    """A copy decided a duplicate of an earlier item of its own batch that then loses the
+    insert race names the winner instead when it reaches the threshold with it too: the
+    loser left the index, and the copy's replay names the winner (the cluster pipeline's
+    replay test once saw the copy name the loser first and the winner on the replay)."""
+    (_, text), = distinct_files(1)
+    late = _Interleaved(client, namespace, SETTINGS)
+    early = FuzzyIndex(client, namespace, SETTINGS)
+    late.other = (early, [("early", text)])
+    loser, copy = late.check_and_insert([("late", near_copy(text)), ("copy", text)])
+    assert (loser.outcome, loser.duplicate_of) == ("duplicate", "early")
+    assert (copy.outcome, copy.duplicate_of, copy.similarity) == ("duplicate", "early", 1.0)
+    assert early.check_and_insert([("copy", text)])[0].duplicate_of == "early"
+
+
+@pytest.mark.integration
 def test_concurrent_workers_never_admit_both_copies(stack: Settings, namespace: str) -> None:
     files = distinct_files(24)
     originals = [(f"orig-{n}", t) for n, t in files]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import select
 import shutil
@@ -97,7 +98,7 @@ def test_a_taken_port_is_a_clear_error() -> None:
             first.close()
 
 
-def test_command_prints_its_url_serves_and_stops_on_ctrl_c() -> None:
+def test_command_prints_its_url_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     port = free_port()
     script = ("import sys, click\n"
               "from sluice.dashboard import dashboard\n"
@@ -105,9 +106,13 @@ def test_command_prints_its_url_serves_and_stops_on_ctrl_c() -> None:
               "cli = click.Group(commands={'dashboard': dashboard})\n"
               "cli(['dashboard', '--port', sys.argv[2]], obj=load_settings(\n"
               "    kafka={'bootstrap_servers': sys.argv[1]}))\n")
-    proc = subprocess.Popen([sys.executable, "-c", script, f"127.0.0.1:{free_port()}",
-                             str(port)], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    # stderr to a file (a pipe nobody reads could fill and block the process); with the
+    # fault handler on, SIGABRT makes a process that does not stop print every thread.
+    errors = tmp_path / "stderr.txt"
+    with errors.open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", script, f"127.0.0.1:{free_port()}",
+                                 str(port)], cwd=REPO, stdout=subprocess.PIPE, stderr=err,
+                                text=True, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
     try:
         assert proc.stdout is not None
         ready, _, _ = select.select([proc.stdout], [], [], 30)
@@ -116,12 +121,19 @@ def test_command_prints_its_url_serves_and_stops_on_ctrl_c() -> None:
         assert url == f"http://127.0.0.1:{port}"
         assert get_json(url + "/api/state")["status"] in ("down", "connecting")
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=15) == 0
+        try:
+            code = proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            proc.wait(timeout=10)
+            pytest.fail("sluice dashboard did not stop within 15 s of Ctrl-C; its stderr "
+                        f"and threads:\n{errors.read_text()[-6000:]}")
+        assert code == 0, errors.read_text()[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert "Ctrl-C stops" in (proc.stderr.read() if proc.stderr else "")
+    assert "Ctrl-C stops" in errors.read_text()
 
 
 @needs_chromium
