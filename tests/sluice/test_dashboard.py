@@ -100,7 +100,10 @@ def test_a_taken_port_is_a_clear_error() -> None:
 
 def test_command_prints_its_url_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     port = free_port()
-    script = ("import sys, click\n"
+    # Ctrl-C as in a foreground terminal: a suite started in the background by a
+    # non-interactive shell inherits SIGINT ignored, and so would the command.
+    script = ("import signal, sys, click\n"
+              "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
               "from sluice.dashboard import dashboard\n"
               "from sluice.settings import load_settings\n"
               "cli = click.Group(commands={'dashboard': dashboard})\n"
