@@ -359,31 +359,30 @@ class FuzzyIndex:
                     batch_ids.append(ids[j])
 
         if batch_ids:
-            changed = self._insert_admitted(ids, sigs, keys, seen, decisions, batch_ids)
-            decisions.update(changed)
-            self._name_winners(decisions, changed, ids, sigs)
+            decisions.update(self._insert_admitted(ids, sigs, keys, seen, decisions, batch_ids))
         return [decisions[first[item_id]] for item_id in ids]
 
     def _name_winners(self, decisions: dict[int, FuzzyDecision],
                       changed: dict[int, FuzzyDecision], ids: list[str],
-                      sigs: list[np.ndarray | None]) -> None:
+                      sigs: list[np.ndarray | None], stored: Mapping[str, Stored]
+                      ) -> dict[int, FuzzyDecision]:
         """A duplicate of an item of this batch that then lost the insert race names the
         loser's winner instead, when it reaches the threshold with it too: the loser left
         the index, so the winner is what the duplicate's replay finds. (A winner is never
-        an item of this batch: a loser gives way only to items inserted by others.)"""
+        an item of this batch: a loser gives way only to items inserted by others, whose
+        signatures ``stored`` holds already.)"""
         winner_of: dict[str | None, str] = {
             ids[j]: d.duplicate_of for j, d in changed.items() if d.duplicate_of is not None}
-        if not winner_of:
-            return
-        stored = self._fetch(set(winner_of.values()))
-        for j, decision in list(decisions.items()):
+        renamed: dict[int, FuzzyDecision] = {}
+        for j, decision in decisions.items():
             winner = winner_of.get(decision.duplicate_of)
             sig = sigs[j]
             if j in changed or winner is None or winner not in stored or sig is None:
                 continue
             sim = jaccard(sig, stored[winner].signature)
             if sim >= self.settings.threshold:
-                decisions[j] = FuzzyDecision(False, winner, sim, "duplicate")
+                renamed[j] = FuzzyDecision(False, winner, sim, "duplicate")
+        return renamed
 
     def check(self, items: Sequence[tuple[str, str]] | Sequence[tuple[str, CodeDoc]]
               ) -> list[FuzzyDecision]:
@@ -488,6 +487,7 @@ class FuzzyIndex:
             pipe = self.redis.pipeline(transaction=True)
             self._removal(pipe, [(ids[j], keys[j]) for j in losers])
             pipe.execute()
+            changed.update(self._name_winners(decisions, changed, ids, sigs, stored))
         return changed
 
     def _trim(self) -> None:
