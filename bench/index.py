@@ -66,7 +66,8 @@ from bench.common import (
 BATCH = 32
 HELD_OUT = 1000
 PLANTED = 1000  # planted near-copies per checkpoint
-PAIR_SAMPLE = 2000  # admitted rows checked by brute force against every admitted row
+PAIR_SAMPLE = 50_000  # admitted rows checked by brute force against every admitted row
+DECISION_SAMPLE = 20_000  # offered rows whose decision is checked by brute force
 SLOWLOG_LEN = 4096  # commands of one admit call, at most
 DESIGN = "search-decide-settle"  # this admission; older results are the previous design
 
@@ -106,15 +107,34 @@ def vectors_for(total: int, real: np.ndarray, seed: int = 0) -> np.ndarray:
     return np.vstack([real, mixed.astype(np.float32)])
 
 
+def _primaries(client: Any) -> list[Any]:
+    """The nodes to ask: every master of a cluster client, else none (the one server)."""
+    return list(client.get_primaries()) if hasattr(client, "get_primaries") else []
+
+
+def _slowlog_config(client: Any, slower_than_us: int) -> None:
+    nodes = _primaries(client)
+    for node in nodes or [None]:
+        kwargs = {"target_nodes": node} if node is not None else {}
+        client.config_set("slowlog-log-slower-than", slower_than_us, **kwargs)
+        client.config_set("slowlog-max-len", SLOWLOG_LEN, **kwargs)
+
+
 def _slowlog_reset(client: Any) -> None:
-    client.slowlog_reset()
+    nodes = _primaries(client)
+    for node in nodes or [None]:
+        client.slowlog_reset(**({"target_nodes": node} if node is not None else {}))
 
 
 def _longest_command(client: Any) -> tuple[float, str]:
-    """The longest server call since the last reset (``SLOWLOG``, logging every command):
-    seconds and its command name. For the threaded ``VSIM`` and ``VADD … CAS`` the server
-    counts their thread time too: an upper bound on how long they held the main thread."""
-    entries = [e for e in client.slowlog_get(SLOWLOG_LEN)
+    """The longest server call since the last reset (``SLOWLOG``, logging every command),
+    over every master of a cluster: seconds and its command name. For the threaded ``VSIM``
+    and ``VADD … CAS`` the server counts their thread time too: an upper bound on how long
+    they held the main thread."""
+    nodes = _primaries(client)
+    logged = [client.slowlog_get(SLOWLOG_LEN, **({"target_nodes": n} if n is not None else {}))
+              for n in nodes or [None]]
+    entries = [e for log in logged for e in log
                if not _name(e["command"]).startswith("SLOWLOG")]
     if not entries:
         return 0.0, ""
@@ -156,8 +176,7 @@ def measure(client: Any, vectors: np.ndarray, queries: np.ndarray, checkpoints: 
     pos = 0
     admitted: list[int] = []
     dup_flag = np.zeros(len(vectors), dtype=bool)
-    client.config_set("slowlog-log-slower-than", 0)  # every command, with its duration
-    client.config_set("slowlog-max-len", SLOWLOG_LEN)
+    _slowlog_config(client, 0)  # every command, with its duration
     try:
         for target in checkpoints:
             walls, holds, longest, names = [], [], [], Counter[str]()
@@ -196,14 +215,13 @@ def measure(client: Any, vectors: np.ndarray, queries: np.ndarray, checkpoints: 
             row["recall_at_1"] = _recall(client, index.key, vectors, admitted, queries)
             row["pairs_within_threshold"], row["pairs_checked_rows"] = _pairs_within(
                 vectors, admitted, settings.threshold)
-            if pos <= 20_000:  # brute-force decisions: quadratic, so only on small sets
-                row.update(_decision_agreement(vectors[:pos], admitted, dup_flag[:pos],
-                                               settings.threshold))
+            row.update(_decision_agreement(vectors[:pos], admitted, dup_flag[:pos],
+                                           settings.threshold))
             row.update(_planted(index, vectors, admitted, settings.threshold))
             rows.append(row)
     finally:
         index.clear()
-        client.config_set("slowlog-log-slower-than", 10_000)
+        _slowlog_config(client, 10_000)
     return rows
 
 
@@ -278,8 +296,8 @@ def _pairs_within(vectors: np.ndarray, admitted: list[int], threshold: float
     rng = np.random.default_rng(2)
     sample = rng.choice(len(base), size=min(PAIR_SAMPLE, len(base)), replace=False)
     pairs = 0
-    for start in range(0, len(sample), 512):
-        block = sample[start:start + 512]
+    for start in range(0, len(sample), 256):  # 256 × 1M float32 = 1 GiB at a time
+        block = sample[start:start + 256]
         cos = base[block] @ base.T
         cos[np.arange(len(block)), block] = -1.0  # not with itself
         pairs += int((cos >= threshold).sum())
@@ -300,17 +318,25 @@ def _recall(client: Any, key: str, vectors: np.ndarray, admitted: list[int],
 
 def _decision_agreement(vectors: np.ndarray, admitted: list[int], dup_flag: np.ndarray,
                         threshold: float) -> dict[str, float]:
-    """Brute force: was each offered item within ``threshold`` of an earlier admitted one?"""
+    """Brute force: was each offered item within ``threshold`` of an earlier admitted one?
+    Every item up to ``DECISION_SAMPLE`` offered, a random sample of that many beyond."""
     adm = np.asarray(admitted)
-    truth = np.zeros(len(vectors), dtype=bool)
-    for start in range(0, len(vectors), 2048):
-        block = vectors[start:start + 2048] @ vectors[adm].T
-        earlier = adm[None, :] < np.arange(start, start + len(block))[:, None]
-        truth[start:start + len(block)] = ((block >= threshold) & earlier).any(axis=1)
-    both = int((truth & dup_flag).sum())
-    return {"true_duplicates": int(truth.sum()), "flagged": int(dup_flag.sum()),
+    rows = np.arange(len(vectors))
+    if len(rows) > DECISION_SAMPLE:
+        rows = np.sort(np.random.default_rng(3).choice(rows, DECISION_SAMPLE, replace=False))
+    truth = np.zeros(len(rows), dtype=bool)
+    base = vectors[adm]
+    for start in range(0, len(rows), 256):
+        block = rows[start:start + 256]
+        cos = vectors[block] @ base.T
+        earlier = adm[None, :] < block[:, None]
+        truth[start:start + len(block)] = ((cos >= threshold) & earlier).any(axis=1)
+    flagged = dup_flag[rows]
+    both = int((truth & flagged).sum())
+    return {"decisions_checked": len(rows),
+            "true_duplicates": int(truth.sum()), "flagged": int(flagged.sum()),
             "dup_recall": both / max(int(truth.sum()), 1),
-            "dup_precision": both / max(int(dup_flag.sum()), 1)}
+            "dup_precision": both / max(int(flagged.sum()), 1)}
 
 
 def run(quick: bool) -> dict[str, Any]:
@@ -446,19 +472,20 @@ def private_cluster(masters: int = 3) -> Iterator[Any]:
 
 
 def measure_sharded(settings: Any, client: Any, vectors: np.ndarray, fit_on: np.ndarray,
-                    shards: int, probe: int, workers: int = 2) -> dict[str, Any]:
+                    shards: int, probe: int, workers: int = 2,
+                    checkpoints: list[int] | None = None) -> list[dict[str, Any]]:
     """Fill one index (one set, or ``shards`` shards probing ``probe``) through the
-    product's ``admit``; then planted copies, pairs within the threshold, and the
-    aggregate rate of ``workers`` threads on a second fresh index."""
+    product's ``admit``, measured per segment up to each checkpoint (the longest server
+    call of each admit by every master's SLOWLOG); at the end planted copies, pairs within
+    the threshold, decisions against brute force, and the aggregate rate of ``workers``
+    threads on a second fresh index (none when 0)."""
     from agents.centroid_store import CentroidStore
     from agents.config import DedupSettings
     from agents.keys import shard_prefix
     from agents.sharded_index import build_vector_index
     from agents.shards import kmeans
-    from streams.connections import redis_client
 
     dedup = DedupSettings(shards=shards, probe=probe)
-
     masters = len({node.name for node in client.get_primaries()})
 
     def fresh() -> str:
@@ -477,41 +504,76 @@ def measure_sharded(settings: Any, client: Any, vectors: np.ndarray, fit_on: np.
             store.activate(fitted.version)
         return namespace
 
-    namespace = fresh()
-    index = build_vector_index(client, namespace, dedup)
-    walls, holds, admitted = [], [], []
+    index = build_vector_index(client, fresh(), dedup)
+    sets = getattr(index, "shards", [index])
+    rows: list[dict[str, Any]] = []
+    admitted: list[int] = []
     dup_flag = np.zeros(len(vectors), dtype=bool)
+    pos = 0
+    _slowlog_config(client, 0)
     try:
-        for pos in range(0, len(vectors), BATCH):
-            ids = [str(i) for i in range(pos, min(pos + BATCH, len(vectors)))]
-            decisions = index.admit(ids, vectors[pos:pos + len(ids)])
-            walls.append(index.last_call_s)
-            holds.append(index.last_hold_s)
-            for offset, decision in enumerate(decisions):
-                if decision.keep:
-                    admitted.append(pos + offset)
-                else:
-                    dup_flag[pos + offset] = True
-        size = index.size()
-        sets = getattr(index, "shards", [index])
-        nodes = {client.get_node_from_key(s.key).name for s in sets}
-        row: dict[str, Any] = {
-            "shards": shards, "probe": min(probe, shards), "size": size,
-            "per_shard": [s.size() for s in sets], "masters": len(nodes),
-            "admit_per_s": len(vectors) / sum(walls), "load_avg_1m": os.getloadavg()[0],
-            "call_p50_ms": float(np.percentile(walls, 50) * 1e3),
-            "call_p99_ms": float(np.percentile(walls, 99) * 1e3),
-            "script_p50_ms": float(np.percentile(holds, 50) * 1e3),
-            "script_p99_ms": float(np.percentile(holds, 99) * 1e3),
-            "bytes_per_item": index.memory_bytes() / max(size, 1)}
-        row["pairs_within_threshold"], row["pairs_checked_rows"] = _pairs_within(
+        for target in sorted({*(checkpoints or []), len(vectors)}):
+            walls, holds, longest, names = [], [], [], Counter[str]()
+            start_pos, began = pos, time.perf_counter()
+            while pos < min(target, len(vectors)):
+                ids = [str(i) for i in range(pos, min(pos + BATCH, target))]
+                _slowlog_reset(client)
+                decisions = index.admit(ids, vectors[pos:pos + len(ids)])
+                seconds, name = _longest_command(client)
+                walls.append(index.last_call_s)
+                holds.append(index.last_hold_s)
+                longest.append(seconds)
+                names[name] += 1
+                for offset, decision in enumerate(decisions):
+                    if decision.keep:
+                        admitted.append(pos + offset)
+                    else:
+                        dup_flag[pos + offset] = True
+                pos += len(ids)
+            size = index.size()
+            row: dict[str, Any] = {
+                "shards": shards, "probe": min(probe, shards), "offered": pos, "size": size,
+                "per_shard": [s.size() for s in sets],
+                "masters": len({client.get_node_from_key(s.key).name for s in sets}),
+                "admit_per_s": (pos - start_pos) / sum(walls),
+                "segment_wall_s": time.perf_counter() - began,
+                "load_avg_1m": os.getloadavg()[0],
+                "call_p50_ms": float(np.percentile(walls, 50) * 1e3),
+                "call_p99_ms": float(np.percentile(walls, 99) * 1e3),
+                "script_p50_ms": float(np.percentile(holds, 50) * 1e3),
+                "script_p99_ms": float(np.percentile(holds, 99) * 1e3),
+                "longest_p50_ms": float(np.percentile(longest, 50) * 1e3),
+                "longest_p99_ms": float(np.percentile(longest, 99) * 1e3),
+                "longest_max_ms": float(np.max(longest) * 1e3),
+                "longest_is": dict(names.most_common(3)),
+                "bytes_per_item": index.memory_bytes() / max(size, 1)}
+            print(f"  {shards} shard(s), probe {row['probe']}: {pos:,} offered, "
+                  f"{row['admit_per_s']:.0f} admit/s, longest call p99 "
+                  f"{row['longest_p99_ms']:.1f} ms, {row['bytes_per_item']:.0f} B/item",
+                  flush=True)
+            rows.append(row)
+        _slowlog_config(client, 10_000)
+        last = rows[-1]
+        last["pairs_within_threshold"], last["pairs_checked_rows"] = _pairs_within(
             vectors, admitted, dedup.threshold)
-        row.update(_decision_agreement(vectors, admitted, dup_flag, dedup.threshold))
-        row.update(_planted(index, vectors, admitted, dedup.threshold))
+        last.update(_decision_agreement(vectors, admitted, dup_flag, dedup.threshold))
+        last.update(_planted(index, vectors, admitted, dedup.threshold))
     finally:
+        _slowlog_config(client, 10_000)
         index.clear()
-    # Aggregate rate: ``workers`` threads, each its own cluster client, disjoint halves.
-    namespace = fresh()
+    if workers > 1:
+        rows[-1][f"admit_per_s_{workers}_workers"] = _aggregate_rate(
+            settings, vectors, fresh(), dedup, workers)
+    return rows
+
+
+def _aggregate_rate(settings: Any, vectors: np.ndarray, namespace: str, dedup: Any,
+                    workers: int) -> float:
+    """``workers`` threads, each its own cluster client, admitting disjoint slices of
+    ``vectors`` into one fresh index at once: admissions/s in all."""
+    from agents.sharded_index import build_vector_index
+    from streams.connections import redis_client
+
     indexes = [build_vector_index(redis_client(settings.redis), namespace, dedup)
                for _ in range(workers)]
     slices = np.array_split(np.arange(len(vectors)), workers)
@@ -530,41 +592,57 @@ def measure_sharded(settings: Any, client: Any, vectors: np.ndarray, fit_on: np.
         thread.start()
     for thread in threads:
         thread.join()
-    row[f"admit_per_s_{workers}_workers"] = len(vectors) / (time.perf_counter() - t0)
-    row["races_lost"] = sum(i.counts["race_lost"] for i in indexes)
+    rate = len(vectors) / (time.perf_counter() - t0)
     indexes[0].clear()
     for worker_index in indexes:
         worker_index.client.close()
-    return row
+    return rate
 
 
-def run_shards(quick: bool, shards: int, probe: int) -> dict[str, Any]:
-    """One set against ``shards`` shards (probing ``probe``, and 1), on a private
-    three-master cluster; writes bench/results/index-shards[-quick].json."""
+def run_shards(quick: bool, shards: int, probe: int, size: int | None = None,
+               configs: list[tuple[int, int]] | None = None, workers: int = 2
+               ) -> dict[str, Any]:
+    """One set against ``shards`` shards (probing ``probe``, and 1), or the given
+    ``configs`` (shards, probe), filled to ``size`` items on a private three-master
+    cluster, measured at every tenfold checkpoint; writes
+    bench/results/index-shards[-quick|-<size>].json."""
     n_real = 11_000 if quick else 13_000
     real = real_vectors(n_real + HELD_OUT)[:-HELD_OUT]
-    vectors = vectors_for(10_000 if quick else 100_000, real)
+    total = size or (10_000 if quick else 100_000)
+    vectors = vectors_for(total, real)
+    checkpoints = [c for c in (10_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000)
+                   if c < total]
     fit_on = vectors[:FIT_SAMPLE]
     rows = []
     with private_cluster() as (settings, client):
-        for count, probes in ((1, 1), (shards, probe), (shards, 1)):
-            rows.append(measure_sharded(settings, client, vectors, fit_on, count, probes))
+        for count, probes in configs or ((1, 1), (shards, probe), (shards, 1)):
+            rows += measure_sharded(settings, client, vectors, fit_on, count, probes,
+                                    workers, checkpoints)
     show(f"one set vs {shards} shards on a 3-master Redis Cluster (batches of {BATCH}, real "
-         f"embeddings, centroids by k-means on the first {FIT_SAMPLE:,})",
-         ["shards", "probe", "size", "per shard", "masters", "admit/s", "admit/s 2 workers",
-          "call p50 ms", "call p99 ms", "script p99 ms", "B/item", "planted recall",
-          "pairs ≥ thr", "dup recall", "dup precision"],
+         f"embeddings, centroids by k-means on the first {FIT_SAMPLE:,}; longest = longest "
+         "server call of each admit over every master's SLOWLOG)",
+         ["shards", "probe", "size", "per shard", "masters", "admit/s",
+          f"admit/s {workers} workers", "call p50 ms", "call p99 ms", "longest p99 ms",
+          "script p99 ms", "B/item", "planted recall", "pairs ≥ thr", "dup recall",
+          "dup precision"],
          [[r["shards"], r["probe"], r["size"], r["per_shard"], r["masters"],
-           r["admit_per_s"], r["admit_per_s_2_workers"], r["call_p50_ms"],
-           r["call_p99_ms"], r["script_p99_ms"], r["bytes_per_item"], r["planted_recall"],
-           f"{r['pairs_within_threshold']} / {r['pairs_checked_rows']} rows",
-           r["dup_recall"], r["dup_precision"]] for r in rows])
+           r["admit_per_s"], r.get(f"admit_per_s_{workers}_workers", ""), r["call_p50_ms"],
+           r["call_p99_ms"], r["longest_p99_ms"], r["script_p99_ms"], r["bytes_per_item"],
+           r.get("planted_recall", ""),
+           f"{r['pairs_within_threshold']} / {r['pairs_checked_rows']} rows"
+           if "pairs_within_threshold" in r else "",
+           r.get("dup_recall", ""), r.get("dup_precision", "")] for r in rows])
     payload = {"batch": BATCH, "real_vectors": len(real), "fit_sample": FIT_SAMPLE,
-               "rows": rows, "note": "a private 3-master cluster on this machine, AOF fsync "
-               "off; dup recall/precision against brute force over this index's own "
-               "admitted items (a border miss lowers recall); planted copies are FP32 "
-               "near-copies of admitted rows at cosine uniform in [threshold + 0.002, 0.998]"}
-    write_result("index-shards", quick, payload)
+               "items": total, "rows": rows, "note": "a private 3-master cluster on this "
+               "machine, AOF fsync off; rows are segments up to each checkpoint (admit/s and "
+               "call times of that segment); the last row of each index carries the brute-"
+               "force checks: dup recall/precision over a sample of offered items against "
+               "this index's own earlier admitted items (a border miss lowers recall), pairs "
+               "within the threshold among a sample of admitted rows against all, planted "
+               "FP32 near-copies of admitted rows at cosine uniform in [threshold + 0.002, "
+               "0.998]"}
+    name = "index-shards" if size is None else f"index-shards-{total}"
+    write_result(name, quick, payload)
     return payload
 
 
@@ -577,9 +655,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shards", type=int, default=0,
                         help="compare one set with this many shards on a Redis Cluster")
     parser.add_argument("--probe", type=int, default=2, help="shards probed (with --shards)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="items offered per index with --shards (default 100k, 10k quick)")
+    parser.add_argument("--configs", default=None,
+                        help="with --shards: only these SHARDS:PROBE indexes, e.g. '3:2,1:1'")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="with --shards: threads for the aggregate rate (0: skip it)")
     args = parser.parse_args(argv)
     if args.shards > 1:
-        run_shards(args.quick, args.shards, args.probe)
+        configs = ([(int(a), int(b)) for a, b in
+                    (pair.split(":") for pair in args.configs.split(","))]
+                   if args.configs else None)
+        run_shards(args.quick, args.shards, args.probe, args.size, configs, args.workers)
     else:
         run(args.quick)
 
