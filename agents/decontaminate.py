@@ -30,10 +30,12 @@ import redis
 
 from agents.code_tokens import CodeDoc
 from agents.config import CodeFuzzySettings, DecontaminateSettings, FuzzySettings
-from agents.fuzzy_index import CODE_TOKENS, WORDS, FuzzyDecision, FuzzyIndex, Shingling
+from agents.fuzzy_index import FuzzyIndex
 from agents.keys import protected_code_lsh_prefix, protected_lsh_prefix, protected_prefix
+from agents.near_match import FuzzyDecision
 from agents.normalize import content_digest, normalize
 from agents.semantic import Encoder
+from agents.shingling import CODE_TOKENS, WORDS, Shingling
 from agents.step import Item, Outcome, Step, rejection
 from schemas.errors import SluiceError
 from streams.metrics import CONTAMINATED

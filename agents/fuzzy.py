@@ -12,15 +12,10 @@ from typing import ClassVar
 
 from agents.code_tokens import CodeDoc
 from agents.config import CodeFuzzySettings, FuzzySettings
-from agents.fuzzy_index import (
-    CODE_TOKENS,
-    WORDS,
-    CodeNearIndex,
-    FuzzyDecision,
-    FuzzyIndex,
-    NearIndex,
-)
+from agents.fuzzy_index import CodeNearIndex, FuzzyIndex, NearIndex
 from agents.identity import event_id, store_id
+from agents.near_match import FuzzyDecision
+from agents.shingling import CODE_TOKENS, WORDS
 from agents.step import Item, Outcome, Step, rejection
 
 

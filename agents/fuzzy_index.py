@@ -1,11 +1,11 @@
 """The fuzzy (near-duplicate) index: MinHash over shingles, LSH bands shared through Redis.
 
-One index class, two configurations (``Shingling``): ``WORDS`` shingles every record's
-words (``fuzzy``); ``CODE_TOKENS`` shingles CODE records' identifier-normalized token
-streams (``agents.code_tokens``; ``fuzzy.code``), under its own key prefix. Each is its own
-step (``FuzzyDedup``, ``CodeFuzzyDedup`` in ``agents.fuzzy``), and a rejection's detail
-names the method.
-Signatures come from ``agents.minhash`` (datasketch's ``affine32`` MinHash, vectorized).
+One index class, two configurations (``agents.shingling``): ``WORDS`` shingles every
+record's words (``fuzzy``); ``CODE_TOKENS`` shingles CODE records' identifier-normalized
+token streams (``agents.code_tokens``; ``fuzzy.code``), under its own key prefix. Each is
+its own step (``FuzzyDedup``, ``CodeFuzzyDedup`` in ``agents.fuzzy``), and a rejection's
+detail names the method. Signatures come from ``agents.minhash`` (datasketch's ``affine32``
+MinHash, vectorized).
 
 The index is our own small key layout rather than ``MinHashLSH`` with datasketch's Redis
 storage. That storage works (two instances on one Redis see each other's inserts) but costs
@@ -43,40 +43,32 @@ what now shares a band with it; an item that finds a verified near-copy inserted
 reported as a duplicate. At least one of two concurrent inserts always sees the other, and
 both agree on the order, so the earlier-inserted wins and two near-copies sharing a band are
 never both admitted. A duplicate names the *earliest* indexed item it reaches the threshold
-with (``earliest_match``), not the most similar: a loser is only ever a later insert than
-its winner, so a third item that sees both names the winner, and its replay names the same
-one (the most-similar rule once named a loser first and the winner on the replay). An item
-of the loser's own batch, decided a duplicate of it before the race was known, names the
-winner instead when it reaches the threshold with it too, as its replay would. Rare
-leftovers, accepted: a third item that reaches the threshold with the loser but not with
-the winner, seen while the loser was briefly in the index, keeps ``duplicate_of`` pointing
-at it; a crash between the insert and the removal leaves the loser admitted.
+with (``agents.near_match.earliest_match``), not the most similar: a loser is only ever a
+later insert than its winner, so a third item that sees both names the winner, and its
+replay names the same one (the most-similar rule once named a loser first and the winner on
+the replay). An item of the loser's own batch, decided a duplicate of it before the race was
+known, names the winner instead when it reaches the threshold with it too, as its replay
+would. Rare leftovers, accepted: a third item that reaches the threshold with the loser but
+not with the winner, seen while the loser was briefly in the index, keeps ``duplicate_of``
+pointing at it; a crash between the insert and the removal leaves the loser admitted.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import redis
 from datasketch import MinHashLSH
 
 from agents import fuzzy_scripts
-from agents.code_tokens import CODE_TOKENIZER, CodeDoc, code_tokens
+from agents.code_tokens import CodeDoc
 from agents.config import CodeFuzzySettings, FuzzySettings, HorizonSettings
-from agents.keys import code_lsh_prefix, lsh_prefix
-from agents.minhash import (
-    _SHINGLE_BASE,
-    SCHEME,
-    SEED,
-    TOKENIZER,
-    MinHasher,
-    _fmix64,
-    jaccard,
-)
+from agents.minhash import _SHINGLE_BASE, SCHEME, SEED, MinHasher, _fmix64, jaccard
+from agents.near_match import FuzzyDecision, Stored, earliest_match
+from agents.shingling import WORDS, Shingling
 from schemas.errors import SluiceError
 
 DEFAULT_WEIGHTS = (0.05, 0.95)
@@ -86,67 +78,12 @@ at threshold 0.8 and 128 permutations this gives 16 bands of 8 rows, which finds
 Jaccard 0.8 with probability 0.95 (0.99 at 0.85), where equal weights (9 × 13) find 0.40."""
 
 
-FuzzyResult = Literal["admitted", "replayed", "duplicate", "skipped", "clear"]
-
 #: The settings of one layer: ``fuzzy`` (words) or ``fuzzy.code`` (code tokens).
 LayerSettings = FuzzySettings | CodeFuzzySettings
 
 
-def _words(hasher: MinHasher, doc: str | CodeDoc) -> np.ndarray:
-    return hasher.shingle_hashes(doc.text if isinstance(doc, CodeDoc) else doc)
-
-
-def _code(hasher: MinHasher, doc: str | CodeDoc) -> np.ndarray:
-    tokens = code_tokens(doc if isinstance(doc, CodeDoc) else CodeDoc(doc))
-    if len(tokens) < hasher.shingle_words:
-        # Not one whole shingle of code (a file of comments, docs or a licence around a
-        # `package x` line): all such files look alike here. The word layer still applies.
-        return np.empty(0, dtype=np.uint32)
-    return hasher.token_shingle_hashes(tokens)
-
-
-@dataclass(frozen=True, slots=True)
-class Shingling:
-    """What an index shingles: one of its two configurations.
-
-    ``method`` is what a rejection names; ``tokenizer`` goes into the index's ``scheme`` (an
-    index built with another one is refused); ``size_field`` is the meta field of the
-    shingle size; ``prefix`` gives the keys of a namespace's index; ``hashes`` turns a
-    document (a text, or a ``CodeDoc``) into its shingle hashes.
-    """
-
-    method: str
-    tokenizer: str
-    size_field: str
-    prefix: Callable[[str], str]
-    hashes: Callable[[MinHasher, str | CodeDoc], np.ndarray]
-
-
-WORDS = Shingling("words", TOKENIZER, "shingle_words", lsh_prefix, _words)
-CODE_TOKENS = Shingling("code-tokens", CODE_TOKENIZER, "shingle_tokens", code_lsh_prefix,
-                        _code)
-
-
 class FuzzyError(SluiceError):
     """The fuzzy index could not be used (Redis unreachable, incompatible namespace)."""
-
-
-@dataclass(frozen=True, slots=True)
-class FuzzyDecision:
-    """What happened to one item.
-
-    ``keep`` is False only for a near-duplicate, then ``duplicate_of`` names the earlier
-    item and ``similarity`` is the estimated Jaccard of their shingle sets. ``outcome``
-    says which case it was: ``admitted`` (new, now in the index), ``replayed`` (the id was
-    already admitted: replays are idempotent), ``duplicate``, ``skipped`` (no word or
-    token in the document, or the layer disabled: exact dedup still applies), or ``clear``
-    (``FuzzyIndex.check`` found nothing; the index is unchanged).
-    """
-
-    keep: bool
-    duplicate_of: str | None = None
-    similarity: float | None = None
-    outcome: FuzzyResult = "admitted"
 
 
 _REPLAYED = FuzzyDecision(True, outcome="replayed")
@@ -171,43 +108,6 @@ class CodeNearIndex(Protocol):
     def check_and_insert(self, items: Sequence[tuple[str, CodeDoc]]) -> list[FuzzyDecision]:
         ...
     def remove(self, ids: Sequence[str]) -> None: ...
-
-
-@dataclass(slots=True)
-class Stored:
-    """An indexed item: its MinHash signature and its insertion sequence number."""
-
-    signature: np.ndarray
-    seq: int
-
-
-
-def earliest_match(sig: np.ndarray, stored: Mapping[str, Stored], batch: np.ndarray,
-                   batch_ids: Sequence[str], threshold: float) -> tuple[str, float] | None:
-    """The item ``sig`` duplicates, with its estimated Jaccard; None when none reaches
-    ``threshold``.
-
-    The earliest one at or above the threshold: of the indexed candidates ``stored`` the
-    lowest sequence number, else the first row of ``batch`` (this batch's items admitted
-    before it, ``batch_ids``). Not the most similar: an item admitted later can be more
-    similar to a copy than its first match (near-duplication is not transitive), and the
-    most-similar rule then names another original when the copy is replayed.
-    """
-    best: tuple[int, str, float] | None = None  # (sequence, id, similarity)
-    for cand, item in stored.items():
-        sim = jaccard(sig, item.signature)
-        if sim >= threshold and (best is None or (item.seq, cand) < best[:2]):
-            best = (item.seq, cand, sim)
-    if best is not None:
-        return best[1], best[2]
-    if len(batch_ids):
-        # Within the batch every earlier admitted item is compared, not only LSH
-        # candidates: a numpy comparison against at most one batch of rows.
-        sims = np.count_nonzero(batch == sig, axis=1) / batch.shape[1]
-        over = np.flatnonzero(sims >= threshold)
-        if len(over):
-            return batch_ids[int(over[0])], float(sims[over[0]])
-    return None
 
 
 class FuzzyIndex:

@@ -30,9 +30,10 @@ from agents.decontaminate import (
 )
 from agents.exact import ExactClaims, ExactDedup
 from agents.fuzzy import CodeFuzzyDedup, FuzzyDedup
-from agents.fuzzy_index import CODE_TOKENS, FuzzyIndex
+from agents.fuzzy_index import FuzzyIndex
 from agents.semantic import Encoder, PassSemantic, SemanticDedup
 from agents.sharded_index import build_vector_index
+from agents.shingling import CODE_TOKENS
 from agents.step import Item, Outcome, Step
 from agents.validate import Validate
 from schemas.errors import SluiceError

@@ -46,9 +46,10 @@ from rich.table import Table
 
 from agents.code_tokens import CodeDoc
 from agents.config import DedupSettings
-from agents.fuzzy_index import CODE_TOKENS, WORDS, FuzzyIndex, LayerSettings, Shingling
+from agents.fuzzy_index import FuzzyIndex, LayerSettings
 from agents.pipeline import build_pipeline
 from agents.planting import EDITS, Event, gather, planted
+from agents.shingling import CODE_TOKENS, WORDS, Shingling
 from agents.step import Coords, Item
 from agents.validate import Validate
 from schemas.errors import SluiceError

@@ -18,8 +18,9 @@ from agents.buffers import ClassBuffers
 from agents.config import FuzzySettings
 from agents.exact import ExactClaims
 from agents.feedback import LossStore
-from agents.fuzzy_index import FuzzyDecision, FuzzyIndex
+from agents.fuzzy_index import FuzzyIndex
 from agents.keys import exact_key, loss_state_key
+from agents.near_match import FuzzyDecision
 from sluice.settings import Settings
 from streams.connections import redis_client
 from tests.agents.pipeline_util import unique_id

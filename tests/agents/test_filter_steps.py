@@ -23,9 +23,9 @@ import pytest
 from agents.config import DedupSettings, FuzzySettings, IngestSettings
 from agents.exact import ExactDedup
 from agents.fuzzy import FuzzyDedup
-from agents.fuzzy_index import FuzzyDecision
 from agents.index import Admission
 from agents.minhash import MinHasher, jaccard
+from agents.near_match import FuzzyDecision
 from agents.normalize import content_digest, normalize
 from agents.pipeline import Pipeline
 from agents.semantic import PassSemantic, SemanticDedup

@@ -15,8 +15,9 @@ import redis
 from datasketch import MinHash
 
 from agents.config import FuzzySettings
-from agents.fuzzy_index import FuzzyDecision, FuzzyError, FuzzyIndex, Stored
+from agents.fuzzy_index import FuzzyError, FuzzyIndex
 from agents.minhash import MinHasher, jaccard, word_bytes
+from agents.near_match import FuzzyDecision, Stored
 from sluice.settings import Settings
 from streams.connections import redis_client
 

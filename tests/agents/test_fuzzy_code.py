@@ -20,8 +20,10 @@ import redis
 
 from agents.code_tokens import CodeDoc
 from agents.config import CodeFuzzySettings
-from agents.fuzzy_index import CODE_TOKENS, WORDS, FuzzyDecision, FuzzyError, FuzzyIndex, Stored
+from agents.fuzzy_index import FuzzyError, FuzzyIndex
+from agents.near_match import FuzzyDecision, Stored
 from agents.pipeline import build_pipeline
+from agents.shingling import CODE_TOKENS, WORDS
 from agents.step import Coords, Item, Outcome
 from sluice.settings import Settings, load_settings
 from streams.connections import redis_client

@@ -1,4 +1,4 @@
-"""Which earlier item a near-duplicate names (``agents.fuzzy_index.earliest_match``).
+"""Which earlier item a near-duplicate names (``agents.near_match.earliest_match``).
 
 Pure: signatures are built so that their estimated Jaccard is known exactly (the share of
 equal positions). The rule is the earliest item at or above the threshold, not the most
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from agents.fuzzy_index import Stored, earliest_match
+from agents.near_match import Stored, earliest_match
 
 PERM = 100
 
