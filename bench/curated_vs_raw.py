@@ -43,6 +43,12 @@ Method (the same text is printed with the results and stored in the JSON):
      one stream order, every class's samples per quarter of the run (a class used up
      early shows as zeros at the end), and how many batches the step composed while the
      pool could not meet the policy's targets (its ``batches.short``).
+   - closed loop (``bench.curation.closed_loop``): ``+inverse +hard_k`` and
+     ``+inverse +reducible`` run the ``Balance`` step beside the trainer with the
+     ``Feedback`` step folding its losses, so each batch is composed after the losses of
+     all but the last ``ahead_batches``: the replay policy (``hard_k``: loss above mean +
+     k·std; ``reducible``: the trainer's loss minus the reference model's) re-queues
+     samples; ``+inverse +reducible +weights`` the same with ``trainer.loss_weights`` on.
 6. Each arm's batches go to its own topic on the private embedded Kafka, and
    ``trainer.loop.train`` runs the ``embedding-classifier`` for ``steps`` optimizer steps
    from the topic's beginning (trainer defaults, but warm-up = steps / 10 and the seed of
@@ -125,6 +131,7 @@ ARMS: dict[str, tuple[str | None, bool, str | None]] = {
     "+inverse +weights": ("inverse", True, None),
     "+inverse +hard_k": ("inverse", False, "hard_k"),
     "+inverse +reducible": ("inverse", False, "reducible"),
+    "+inverse +reducible +weights": ("inverse", True, "reducible"),
 }
 #: The arms the byte-LM trains on (compute-limited regime; the same batches as the
 #: classifier's arms of that name), evaluated on the held-out code.
