@@ -159,6 +159,51 @@ def planted_copies(vectors: np.ndarray, count: int, threshold: float,
     return copies.astype(np.float32)
 
 
+def fill_segment(client: Any, index: Any, vectors: np.ndarray, pos: int, target: int,
+                 admitted: list[int], dup_flag: np.ndarray, slowlog_every: int = 1
+                 ) -> tuple[int, dict[str, Any]]:
+    """Offer ``vectors[pos:target]`` to ``index.admit`` in calls of ``BATCH``, recording
+    each decision (``admitted``, ``dup_flag``); the new position and the segment's timings:
+    admissions/s and call times (the admissions' own time: SLOWLOG reads between them are
+    not counted), the registration script's round trip, and the longest server call of
+    every ``slowlog_every``-th call (SLOWLOG, which must log every command)."""
+    walls: list[float] = []
+    holds: list[float] = []
+    longest: list[float] = []
+    names = Counter[str]()
+    start = pos
+    while pos < min(target, len(vectors)):
+        ids = [str(i) for i in range(pos, min(pos + BATCH, target))]
+        sampled = (pos // BATCH) % slowlog_every == 0
+        if sampled:
+            slowlog_reset(client)
+        decisions = index.admit(ids, vectors[pos:pos + len(ids)])
+        if sampled:
+            seconds, name = longest_command(client)
+            longest.append(seconds)
+            names[name] += 1
+        walls.append(index.last_call_s)
+        holds.append(index.last_hold_s)
+        for offset, decision in enumerate(decisions):
+            if decision.keep:
+                admitted.append(pos + offset)
+            else:
+                dup_flag[pos + offset] = True
+        pos += len(ids)
+    # The load average says how busy the (shared) machine was meanwhile.
+    return pos, {"admit_per_s": (pos - start) / sum(walls),
+                 "load_avg_1m": os.getloadavg()[0],
+                 "call_p50_ms": float(np.percentile(walls, 50) * 1e3),
+                 "call_p99_ms": float(np.percentile(walls, 99) * 1e3),
+                 "script_p50_ms": float(np.percentile(holds, 50) * 1e3),
+                 "script_p99_ms": float(np.percentile(holds, 99) * 1e3),
+                 "longest_p50_ms": float(np.percentile(longest, 50) * 1e3),
+                 "longest_p99_ms": float(np.percentile(longest, 99) * 1e3),
+                 "longest_max_ms": float(np.max(longest) * 1e3),
+                 "longest_is": dict(names.most_common(3)),
+                 "longest_sampled": len(longest)}
+
+
 def measure(client: Any, vectors: np.ndarray, queries: np.ndarray, checkpoints: list[int],
             quantization: str, build_ef: int, offload: bool, precision: str = "fp32"
             ) -> list[dict[str, Any]]:
@@ -176,38 +221,11 @@ def measure(client: Any, vectors: np.ndarray, queries: np.ndarray, checkpoints: 
     slowlog_config(client, 0)  # every command, with its duration
     try:
         for target in checkpoints:
-            walls, holds, longest, names = [], [], [], Counter[str]()
-            start_pos = pos
-            while pos < min(target, len(vectors)):
-                ids = [str(i) for i in range(pos, min(pos + BATCH, target))]
-                slowlog_reset(client)
-                decisions = index.admit(ids, vectors[pos:pos + len(ids)])
-                seconds, name = longest_command(client)
-                walls.append(index.last_call_s)
-                holds.append(index.last_hold_s)
-                longest.append(seconds)
-                names[name] += 1
-                for offset, decision in enumerate(decisions):
-                    if decision.keep:
-                        admitted.append(pos + offset)
-                    else:
-                        dup_flag[pos + offset] = True
-                pos += len(ids)
+            pos, timings = fill_segment(client, index, vectors, pos, target, admitted,
+                                        dup_flag)
             size = index.size()
-            # The admissions' own time: the SLOWLOG reads between them are not counted. The
-            # load average says how busy the (shared) machine was meanwhile.
             row = {"quantization": quantization, "build_ef": build_ef, "offload": offload,
-                   "vector_precision": precision,
-                   "size": size, "offered": pos, "admit_per_s": (pos - start_pos) / sum(walls),
-                   "load_avg_1m": os.getloadavg()[0],
-                   "call_p50_ms": float(np.percentile(walls, 50) * 1e3),
-                   "call_p99_ms": float(np.percentile(walls, 99) * 1e3),
-                   "script_p50_ms": float(np.percentile(holds, 50) * 1e3),
-                   "script_p99_ms": float(np.percentile(holds, 99) * 1e3),
-                   "longest_p50_ms": float(np.percentile(longest, 50) * 1e3),
-                   "longest_p99_ms": float(np.percentile(longest, 99) * 1e3),
-                   "longest_max_ms": float(np.max(longest) * 1e3),
-                   "longest_is": dict(names.most_common(3)),
+                   "vector_precision": precision, "size": size, "offered": pos, **timings,
                    "bytes_per_item": _bytes(client, index) / max(size, 1)}
             row["recall_at_1"] = _recall(client, index.key, vectors, admitted, queries)
             row["pairs_within_threshold"], row["pairs_checked_rows"] = pairs_within(

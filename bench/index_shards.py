@@ -15,12 +15,10 @@ index. Writes ``bench/results/index-shards[-quick|-<size>].json``.
 from __future__ import annotations
 
 import contextlib
-import os
 import tempfile
 import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,12 +29,11 @@ from bench.index import (
     BATCH,
     HELD_OUT,
     decision_agreement,
-    longest_command,
+    fill_segment,
     pairs_within,
     planted_recall,
     real_vectors,
     slowlog_config,
-    slowlog_reset,
     vectors_for,
 )
 
@@ -116,43 +113,15 @@ def measure_sharded(settings: Any, client: Any, vectors: np.ndarray, fit_on: np.
     slowlog_config(client, 0)
     try:
         for target in sorted({*(checkpoints or []), len(vectors)}):
-            walls, holds, longest, names = [], [], [], Counter[str]()
-            start_pos, began = pos, time.perf_counter()
-            while pos < min(target, len(vectors)):
-                ids = [str(i) for i in range(pos, min(pos + BATCH, target))]
-                sampled = (pos // BATCH) % SLOWLOG_EVERY == 0
-                if sampled:
-                    slowlog_reset(client)
-                decisions = index.admit(ids, vectors[pos:pos + len(ids)])
-                if sampled:
-                    seconds, name = longest_command(client)
-                    longest.append(seconds)
-                    names[name] += 1
-                walls.append(index.last_call_s)
-                holds.append(index.last_hold_s)
-                for offset, decision in enumerate(decisions):
-                    if decision.keep:
-                        admitted.append(pos + offset)
-                    else:
-                        dup_flag[pos + offset] = True
-                pos += len(ids)
+            began = time.perf_counter()
+            pos, timings = fill_segment(client, index, vectors, pos, target, admitted,
+                                        dup_flag, SLOWLOG_EVERY)
             size = index.size()
             row: dict[str, Any] = {
                 "shards": shards, "probe": min(probe, shards), "offered": pos, "size": size,
                 "per_shard": [s.size() for s in sets],
                 "masters": len({client.get_node_from_key(s.key).name for s in sets}),
-                "admit_per_s": (pos - start_pos) / sum(walls),
-                "segment_wall_s": time.perf_counter() - began,
-                "load_avg_1m": os.getloadavg()[0],
-                "call_p50_ms": float(np.percentile(walls, 50) * 1e3),
-                "call_p99_ms": float(np.percentile(walls, 99) * 1e3),
-                "script_p50_ms": float(np.percentile(holds, 50) * 1e3),
-                "script_p99_ms": float(np.percentile(holds, 99) * 1e3),
-                "longest_p50_ms": float(np.percentile(longest, 50) * 1e3),
-                "longest_p99_ms": float(np.percentile(longest, 99) * 1e3),
-                "longest_max_ms": float(np.max(longest) * 1e3),
-                "longest_is": dict(names.most_common(3)),
-                "longest_sampled": len(longest),
+                "segment_wall_s": time.perf_counter() - began, **timings,
                 "bytes_per_item": index.memory_bytes() / max(size, 1)}
             print(f"  {shards} shard(s), probe {row['probe']}: {pos:,} offered, "
                   f"{row['admit_per_s']:.0f} admit/s, longest call p99 "
