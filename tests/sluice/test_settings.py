@@ -124,3 +124,16 @@ def test_redis_url_and_broker_override_the_embedded_stack(clean_env: pytest.Monk
     ports = load_settings(stack={"kafka_port": 19092, "redis_port": 16379})
     assert ports.bootstrap_servers == "127.0.0.1:19092"
     assert ports.redis_url == "redis://127.0.0.1:16379/0"
+
+
+def test_the_readmes_settings_file_loads_as_it_is_documented(
+        clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The README's annotated settings file is what a user copies: it must load, and every
+    value it shows must be the default (it documents the defaults)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("```toml\n", 1)[1].split("```", 1)[0]
+    config = tmp_path / "sluice.toml"
+    config.write_text(block)
+    s = load_settings(config)
+    assert s.dedup == DedupSettings()
+    assert s.dedup.backend == "torch" and s.dedup.kinds == ["CODE", "TEXT"]
