@@ -181,7 +181,7 @@ def run_shards(quick: bool, shards: int, probe: int, size: int | None = None,
     """One set against ``shards`` shards (probing ``probe``, and 1), or the given
     ``configs`` (shards, probe), filled to ``size`` items on a private three-master
     cluster, measured at every tenfold checkpoint; writes
-    bench/results/index-shards[-quick|-<size>].json."""
+    bench/results/index-shards[-<size>][-<shards>x<probe>…][-quick].json."""
     n_real = 11_000 if quick else 13_000
     real = real_vectors(n_real + HELD_OUT)[:-HELD_OUT]
     total = size or (10_000 if quick else 100_000)
@@ -218,5 +218,7 @@ def run_shards(quick: bool, shards: int, probe: int, size: int | None = None,
                "FP32 near-copies of admitted rows at cosine uniform in [threshold + 0.002, "
                "0.998]"}
     name = "index-shards" if size is None else f"index-shards-{total}"
+    if configs:  # each chosen set of indexes keeps its own file
+        name += "-" + "-".join(f"{count}x{probes}" for count, probes in configs)
     write_result(name, quick, payload)
     return payload

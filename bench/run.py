@@ -18,7 +18,8 @@ import time
 
 from bench.common import REPO_ROOT, console
 
-BENCHMARKS = ("embed", "index", "peers", "pipeline", "clones", "produce", "curated_vs_raw")
+BENCHMARKS = ("embed", "index", "peers", "pipeline", "clones", "produce", "trainer",
+              "curated_vs_raw")
 LONG = ("durability", "churn", "soak")  # live stacks for minutes: only when asked for
 
 
