@@ -36,7 +36,7 @@ from aiokafka.errors import MessageSizeTooLargeError
 from agents.step import Coords, Item, Outcome, error_rejection, isolate, rejection, systemic
 from schemas.errors import SluiceError
 from streams.app import Undecodable
-from streams.metrics import RETRIES, STALLED_S, StageMetrics
+from streams.metrics import BUSY_S, RETRIES, STALLED_S, StageMetrics
 from streams.serde import EncodeError
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,10 @@ class Runner:
         self.metrics = metrics
         self.stopping = stopping
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sluice-{name}")
+        #: Seconds the executor spent running steps (the ``busy_s`` gauge): busy over wall
+        #: is the stage's utilization, and the stages of one worker together exceed the
+        #: wall clock by as much as they overlap (ingest lexing while dedup embeds).
+        self.busy_s = 0.0
 
     async def __call__(self, fn: Callable[[T], R], batch: T) -> R:
         """``fn(batch)`` in the executor; retried with backoff while it fails systemically
@@ -131,7 +135,7 @@ class Runner:
         waiting = _Backoff(self.metrics, self.stopping)
         while True:
             try:
-                result = await loop.run_in_executor(self.pool, fn, batch)
+                result = await loop.run_in_executor(self.pool, self._timed, fn, batch)
             except Exception as exc:
                 cause = systemic(exc)
                 if cause is None:
@@ -140,6 +144,16 @@ class Runner:
                 continue
             waiting.done()
             return result
+
+    def _timed(self, fn: Callable[[T], R], batch: T) -> R:
+        """``fn(batch)``, its time added to ``busy_s`` (in the executor's one thread)."""
+        tick = time.perf_counter()
+        try:
+            return fn(batch)
+        finally:
+            self.busy_s += time.perf_counter() - tick
+            if self.metrics is not None:
+                self.metrics.gauges[BUSY_S] = self.busy_s
 
     async def decide(self, run: Callable[[Sequence[Item]], list[Outcome]],
                      items: Sequence[Item], stage: str) -> list[Outcome]:

@@ -1,6 +1,6 @@
 """Pipeline overhead, work avoided, and scale-out, on a private embedded Kafka + Redis.
 
-``python -m bench.pipeline [--quick] [--backend torch|onnx|onnx-int8|static]``
+``python -m bench.pipeline [--quick] [--backend torch|onnx|onnx-int8|static] [--events N]``
 
 Real files with their natural duplicates (Debian copyright files and licenses,
 site-packages and stdlib sources) are produced to ``raw-events``; then, measured in one run:
@@ -19,7 +19,9 @@ site-packages and stdlib sources) are produced to ``raw-events``; then, measured
 3. Not with ``--quick``: real ``sluice worker`` processes (agents ingest,dedup) with 1 and
    2 workers on 4 partitions, end to end: from the first event produced to the last
    outcome on ``sluice.samples`` + ``sluice.rejected``, model loading excluded. They load
-   the benchmark's settings through ``sluice.settings.settings_env``.
+   the benchmark's settings through ``sluice.settings.settings_env``. Each stage's busy
+   seconds (``sluice_busy_seconds_total`` from every worker's ``/metrics``) show how much
+   the ingest and dedup stages of a worker ran at once.
 """
 
 from __future__ import annotations
@@ -210,6 +212,7 @@ def with_workers(settings: Any, events: list[dict[str, Any]], count: int, folder
     from sluice.ports import free_port
 
     procs = []
+    ports = [free_port() for _ in range(count)]
     warmup = [{**events[0], "id": f"warmup-{n}", "content": events[0]["content"] + f"\n# {n}"}
               for n in range(4)]
     try:
@@ -219,7 +222,7 @@ def with_workers(settings: Any, events: list[dict[str, Any]], count: int, folder
             log = (folder / f"w{count}-{n}.log").open("wb")
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "sluice.cli", "worker", "--agents", "ingest,dedup",
-                 "--web-port", str(free_port())], env=worker_env(own), cwd=REPO_ROOT,
+                 "--web-port", str(ports[n])], env=worker_env(own), cwd=REPO_ROOT,
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
         # Warm-up events go through once every worker has loaded its model and joined.
         produce(settings, warmup)
@@ -229,6 +232,7 @@ def with_workers(settings: Any, events: list[dict[str, Any]], count: int, folder
                 raise RuntimeError(f"workers did not start; see {folder}")
             time.sleep(0.5)
         time.sleep(5.0)  # let a second worker's rebalance settle
+        busy_before = busy_seconds(ports)
         started = time.perf_counter()
         produce(settings, events)
         target = len(warmup) + len(events)
@@ -239,16 +243,42 @@ def with_workers(settings: Any, events: list[dict[str, Any]], count: int, folder
             time.sleep(0.25)
             done = outcomes_written(settings)
         elapsed = time.perf_counter() - started
+        busy = {stage: s - busy_before.get(stage, 0.0)
+                for stage, s in busy_seconds(ports).items()}
     finally:
         stop_processes(procs)
     return {"workers": count, "events": len(events), "seconds": elapsed,
-            "events_per_s": len(events) / elapsed}
+            "events_per_s": len(events) / elapsed, "busy_s": busy,
+            # Stage executors busy at once per worker, on average (0…2 with ingest and
+            # dedup): above 1 the stages overlapped (ingest lexing while dedup embedded).
+            "stages_at_once": sum(busy.values()) / (elapsed * count)}
 
 
-def run(quick: bool, backend: str = "torch") -> dict[str, Any]:
-    """All parts; writes bench/results/pipeline[-<backend>][-quick].json (no suffix for
-    torch)."""
-    events = raw_events(120, 2_500) if quick else raw_events(400, 6_000)
+def busy_seconds(ports: list[int]) -> dict[str, float]:
+    """Seconds each stage spent running its steps, summed over the workers' ``/metrics``
+    (``sluice_busy_seconds_total``)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total: dict[str, float] = defaultdict(float)
+    for port in ports:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "sluice_busy_seconds_total":
+                    total[sample.labels["component"]] += sample.value
+    return dict(total)
+
+
+def run(quick: bool, backend: str = "torch", files: int | None = None) -> dict[str, Any]:
+    """All parts over ``files`` real files (default 400, 120 quick); writes
+    bench/results/pipeline[-<backend>][-<files>][-quick].json (no backend suffix for
+    torch, no files suffix for the default)."""
+    events = raw_events(files or 120, 2_500) if quick else raw_events(files or 400, 6_000)
+    if files and len(events) < files:
+        raise SystemExit(f"only {len(events)} files of the crawl corpus here, not {files}")
     with tempfile.TemporaryDirectory(prefix="sluice-bench-") as tmp, \
             private_stack(Path(tmp) / "stack") as base:
         settings = isolated(base, backend)
@@ -261,7 +291,8 @@ def run(quick: bool, backend: str = "torch") -> dict[str, Any]:
                                             Path(tmp) / "workers"))
     _report(result, workers, backend)
     payload = {"backend": backend, "in_process": result, "workers": workers}
-    write_result("pipeline" if backend == "torch" else f"pipeline-{backend}", quick, payload)
+    name = "pipeline" if backend == "torch" else f"pipeline-{backend}"
+    write_result(name + (f"-{files}" if files else ""), quick, payload)
     return payload
 
 
@@ -300,9 +331,11 @@ def _report(r: dict[str, Any], workers: list[dict[str, Any]], backend: str) -> N
     if workers:
         base = workers[0]["events_per_s"]
         show("real `sluice worker` processes, end to end (ingest,dedup; 4 partitions)",
-             ["workers", "events", "seconds", "events/s", "× 1 worker"],
+             ["workers", "events", "seconds", "events/s", "× 1 worker", "ingest busy s",
+              "dedup busy s", "stages busy at once"],
              [[w["workers"], w["events"], w["seconds"], w["events_per_s"],
-               w["events_per_s"] / base] for w in workers])
+               w["events_per_s"] / base, w["busy_s"].get("ingest", 0.0),
+               w["busy_s"].get("dedup", 0.0), w["stages_at_once"]] for w in workers])
 
 
 if __name__ == "__main__":
@@ -310,5 +343,8 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--backend", default="torch",
                         choices=["torch", "onnx", "onnx-int8", "static"])
+    parser.add_argument("--events", type=int, default=None,
+                        help="real files to send (default 400, 120 with --quick): more "
+                             "amortize the workers' last partial micro-batches")
     args = parser.parse_args()
-    run(args.quick, args.backend)
+    run(args.quick, args.backend, args.events)

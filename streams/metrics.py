@@ -17,6 +17,7 @@
   ``sluice_rejections_total{component,reason}``,
   ``sluice_class_events_total{component,direction="in"|"out",label}``,
   ``sluice_latency_ms{component,quantile}``, ``sluice_step_seconds_total{component,step}``,
+  ``sluice_busy_seconds_total{component}``,
   ``sluice_class_share{component,kind="ema"|"target",label}``,
   ``sluice_class_weight{component,label}``, ``sluice_class_difficulty{component,label}``,
   ``sluice_buffer_fill{component,label}``, ``sluice_buffer_evictions_total{component,label}``,
@@ -58,6 +59,7 @@ INDEX_AGED_OUT = "index.aged_out"  # counter: vectors the horizon removed (dedup
 INDEX_RACE_LOST = "index.race_lost"  # counter: admissions that gave way to a racing worker
 RETRIES = "retries"  # counter: micro-batch attempts that failed for every record and waited
 STALLED_S = "stalled_s"  # gauge: seconds the current micro-batch has waited (0: flowing)
+BUSY_S = "busy_s"  # gauge (a running total): seconds the stage's executor ran its steps
 LATENCY_QUANTILES = (50, 95, 99)  # the percentiles ``snapshot`` reports as ``latency_ms(q)``
 
 
@@ -347,6 +349,8 @@ STAGE_EXPOSITION = Exposition(
         (IN, "sluice_events_in_total", "Events in."),
         (OUT, "sluice_events_out_total", "Events out."),
         (REJECTED, "sluice_events_rejected_total", "Events rejected."),
+        (BUSY_S, "sluice_busy_seconds_total",
+         "Seconds the stage spent running its steps (its utilization: the rate of this)."),
     ),
     families=(
         Exported(rejected, "sluice_rejections_total", "Rejections by reason.", "reason",

@@ -40,7 +40,7 @@ from sluice.ports import free_port
 from sluice.processes import RedisProcess
 from sluice.settings import Settings
 from streams.connections import kafka_client_options, redis_client
-from streams.metrics import RETRIES, STALLED_S, StageMetrics
+from streams.metrics import BUSY_S, RETRIES, STALLED_S, StageMetrics
 from streams.serde import encode
 from tests.agents.pipeline_util import (
     OutcomeReader,
@@ -202,6 +202,37 @@ def test_the_runner_waits_out_a_systemic_failure_and_shows_it(
     assert metrics.counters[RETRIES] == 3
     assert stalled_seen[-1] > 0  # while it waited
     assert metrics.gauges[STALLED_S] == 0.0  # flowing again
+
+
+def test_the_runner_counts_the_seconds_its_stage_was_busy() -> None:
+    metrics = StageMetrics("dedup")
+    run = Runner("t", metrics)
+
+    def slow(batch: list[Item]) -> list[Outcome]:
+        time.sleep(0.05)
+        return [Outcome(item.record, rejected=False) for item in batch]
+
+    async def twice_with_a_pause() -> None:
+        await run(slow, items(2))
+        await asyncio.sleep(0.2)  # idle: not busy
+        await run(slow, items(2))
+
+    asyncio.run(twice_with_a_pause())
+    assert 0.1 <= run.busy_s < 0.25
+    assert metrics.gauges[BUSY_S] == run.busy_s
+    text = generate_latest_text(metrics)
+    assert f'sluice_busy_seconds_total{{component="dedup"}} {run.busy_s}' in text
+
+
+def generate_latest_text(metrics: StageMetrics) -> str:
+    """The Prometheus text of one stage's snapshot, as a worker's ``/metrics`` serves it."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from streams.metrics import SnapshotCollector
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(lambda: [metrics.snapshot()]))
+    return generate_latest(registry).decode()
 
 
 def test_the_runners_processing_handler_rejects_what_a_whole_pipeline_cannot_decide() -> None:

@@ -253,6 +253,7 @@ def test_grafana_dashboard_queries_metrics_that_exist() -> None:
                                 "share.ema.python": 0.5})
         if s["component"] in ("ingest", "dedup"):
             s["gauges"]["seconds.embed"] = 0.5
+            s["gauges"]["busy_s"] = 0.7
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SnapshotCollector(lambda: snapshots))
     exposed = {line.split("{")[0].split(" ")[0]
