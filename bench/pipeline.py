@@ -40,7 +40,15 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import REPO_ROOT, crawl_corpus, private_stack, show, timed, write_result
+from bench.common import (
+    REPO_ROOT,
+    console,
+    crawl_corpus,
+    private_stack,
+    show,
+    timed,
+    write_result,
+)
 from sluice.demo import stop_processes
 
 #: Seconds of the in-process run by part, as the table shows them (disjoint).
@@ -249,8 +257,8 @@ def with_workers(settings: Any, events: list[dict[str, Any]], count: int, folder
         stop_processes(procs)
     return {"workers": count, "events": len(events), "seconds": elapsed,
             "events_per_s": len(events) / elapsed, "busy_s": busy,
-            # Stage executors busy at once per worker, on average (0…2 with ingest and
-            # dedup): above 1 the stages overlapped (ingest lexing while dedup embedded).
+            # Stage executors busy per worker, on average (0…2 with ingest and dedup):
+            # above 1 the stages surely overlapped (ingest lexing while dedup embedded).
             "stages_at_once": sum(busy.values()) / (elapsed * count)}
 
 
@@ -331,11 +339,17 @@ def _report(r: dict[str, Any], workers: list[dict[str, Any]], backend: str) -> N
     if workers:
         base = workers[0]["events_per_s"]
         show("real `sluice worker` processes, end to end (ingest,dedup; 4 partitions)",
-             ["workers", "events", "seconds", "events/s", "× 1 worker", "ingest busy s",
-              "dedup busy s", "stages busy at once"],
+             ["workers", "events", "seconds", "events/s", "× 1 worker", "ingest busy",
+              "dedup busy", "both stages"],
              [[w["workers"], w["events"], w["seconds"], w["events_per_s"],
-               w["events_per_s"] / base, w["busy_s"].get("ingest", 0.0),
-               w["busy_s"].get("dedup", 0.0), w["stages_at_once"]] for w in workers])
+               w["events_per_s"] / base, _share(w, "ingest"), _share(w, "dedup"),
+               f"{w['stages_at_once']:.2f}"] for w in workers])
+        console.print("busy: the share of the wall time (per worker) the stage's executor "
+                      "ran its steps; both stages: their sum (above 1 they ran at once)")
+
+
+def _share(w: dict[str, Any], stage: str) -> str:
+    return f"{100 * w['busy_s'].get(stage, 0.0) / (w['seconds'] * w['workers']):.0f} %"
 
 
 if __name__ == "__main__":
