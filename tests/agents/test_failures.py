@@ -40,7 +40,7 @@ from sluice.ports import free_port
 from sluice.processes import RedisProcess
 from sluice.settings import Settings
 from streams.connections import kafka_client_options, redis_client
-from streams.metrics import BUSY_S, RETRIES, STALLED_S, StageMetrics
+from streams.metrics import BUSY_S, RETRIES, STALLED_S, SnapshotCollector, StageMetrics
 from streams.serde import encode
 from tests.agents.pipeline_util import (
     OutcomeReader,
@@ -56,6 +56,7 @@ from tests.agents.pipeline_util import (
     wait_for_group,
     workers,
 )
+from tests.streams.test_metrics import exposition
 
 TOPIC = "raw-events"
 WAIT_S = 240.0  # deadlines for failures only
@@ -220,19 +221,8 @@ def test_the_runner_counts_the_seconds_its_stage_was_busy() -> None:
     asyncio.run(twice_with_a_pause())
     assert 0.1 <= run.busy_s < 0.25
     assert metrics.gauges[BUSY_S] == run.busy_s
-    text = generate_latest_text(metrics)
+    text = exposition(SnapshotCollector(lambda: [metrics.snapshot()]))
     assert f'sluice_busy_seconds_total{{component="dedup"}} {run.busy_s}' in text
-
-
-def generate_latest_text(metrics: StageMetrics) -> str:
-    """The Prometheus text of one stage's snapshot, as a worker's ``/metrics`` serves it."""
-    from prometheus_client import CollectorRegistry, generate_latest
-
-    from streams.metrics import SnapshotCollector
-
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(SnapshotCollector(lambda: [metrics.snapshot()]))
-    return generate_latest(registry).decode()
 
 
 def test_the_runners_processing_handler_rejects_what_a_whole_pipeline_cannot_decide() -> None:
